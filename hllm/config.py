@@ -1,0 +1,246 @@
+"""Every knob, as nested dataclasses merged defaults < YAML < dotted overrides (OmegaConf does the merge).
+
+The orchestration layer (cli, train.fit, bench) sees `RunConfig`; constructors below it take plain arguments.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from hllm.errors import UserError
+
+DEFAULT_PROMPT = "Compress the following sentence into embedding: "
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/ml-100k"
+    """Interaction file or dataset folder (CSV/TSV/Parquet, RecBole, LC-Rec JSON, HLLM layout)."""
+    format: Literal["auto", "csv", "parquet", "recbole", "lcrec", "hllm"] = "auto"
+    """Input format; `auto` detects it from the path."""
+    item_path: str | None = None
+    """Item table (id + text columns) for csv/parquet/hllm inputs; found beside `path` when unset."""
+    name: str | None = None
+    """Dataset name in reports; defaults to the file or folder name."""
+    user_column: str = "user_id"
+    """Column holding the user id."""
+    item_column: str = "item_id"
+    """Column holding the item id (in the interactions and the item table)."""
+    time_column: str | None = "timestamp"
+    """Optional time column; when absent (or null) file order is the chronology."""
+    text_fields: list[str] = field(default_factory=list)
+    """Item fields that make the item text, in order; empty = every text column of the item table."""
+    prompt: str = DEFAULT_PROMPT
+    """Text put before the item's fields."""
+    field_separator: str = "; "
+    """Separator between `key: value` fields (the reference used none)."""
+    max_text_tokens: int = 64
+    """Item text is truncated to this many tokens (head kept)."""
+    duplicates: Literal["keep", "first", "last"] = "keep"
+    """Repeated (user, item) pairs: keep all, keep the first, or keep the last occurrence."""
+    kcore: int = 0
+    """Iterative k-core: drop users and items with fewer than k interactions until stable (0 = off)."""
+    max_history: int = 50
+    """Most recent items a model reads as history (training windows and evaluation)."""
+    missing_text: Literal["drop", "error", "keep"] = "drop"
+    """Interactions whose item has no row in the item table: drop and count, fail, or keep with no text."""
+    cache_dir: str = ".hllm_cache"
+    """Where processed datasets are cached, keyed by input contents and these settings."""
+
+
+@dataclass
+class ItemConfig:
+    backbone: str = "minilm"
+    """Item LLM: a preset (minilm, smollm2-135m, tiny-bert, tiny-llama, ...), local path or hub id."""
+    pretrained: bool = True
+    """Load pretrained weights; False builds the same architecture randomly initialised."""
+    pooling: Literal["token", "cls", "mean"] = "mean"
+    """token: learned [ITEM] embedding appended after the text; cls/mean: encoder pooling."""
+    mode: Literal["finetune", "lora", "frozen"] = "finetune"
+    """finetune end to end, LoRA adapters only, or frozen (embeddings computed once)."""
+    lora_rank: int = 8
+    """LoRA rank (mode=lora)."""
+    lora_alpha: int = 16
+    """LoRA alpha (mode=lora)."""
+
+
+@dataclass
+class UserConfig:
+    backbone: str = "small-llama"
+    """User LLM: a decoder preset, local path or hub id; reads item embeddings as inputs_embeds."""
+    pretrained: bool = False
+    """Load pretrained weights (presets without weights are always random)."""
+    padding: Literal["left", "right"] = "left"
+    """Side the user histories are padded on."""
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["hllm", "popularity"] = "hllm"
+    """Which model to train."""
+    item: ItemConfig = field(default_factory=ItemConfig)
+    user: UserConfig = field(default_factory=UserConfig)
+    temperature: float = 0.07
+    """Initial InfoNCE temperature (learnable; its inverse is clamped to [1, 100])."""
+    nce_threshold: float = 0.99
+    """Negatives whose cosine with the target exceeds this are treated as false negatives."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    """Passes over the training windows."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1 = no limit)."""
+    batch_size: int = 16
+    """Sequences per step and process."""
+    accumulate: int = 1
+    """Gradient accumulation steps per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay, never applied to norms, biases, embeddings or the temperature."""
+    warmup: float = 0.1
+    """Fraction of steps with a linear warm-up before the cosine decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 = off)."""
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
+    """Fabric precision."""
+    num_negatives: int = 512
+    """Size of the negative bank shared by every position of a step (per process)."""
+    negatives: Literal["sampled", "catalogue"] = "sampled"
+    """sampled bank, or the whole catalogue (only when the item side is frozen)."""
+    exclude_own_items: bool = True
+    """Never draw a batch user's own items as negatives."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    seed: int = 2020
+    """Seed for weights, sampling and shuffling."""
+    patience: int = 5
+    """Early stopping: epochs without improvement of eval.metric before stopping."""
+    checkpoint_every: int = 0
+    """Also checkpoint every this many optimizer steps (0 = only at the end of each epoch)."""
+    log_every: int = 10
+    """Steps between CSV log rows."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    accelerator: str = "auto"
+    """Fabric accelerator (auto, cpu, cuda, ...)."""
+    devices: int = 1
+    """Processes (GPUs) per node."""
+    strategy: str = "auto"
+    """Fabric strategy (auto, ddp, fsdp, deepspeed)."""
+    tensorboard: bool = False
+    """Also write TensorBoard logs."""
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [5, 10, 50, 200])
+    """Cut-offs for Recall@k and NDCG@k."""
+    metric: str = "ndcg@200"
+    """Validation metric that selects the checkpoint and drives early stopping."""
+    batch_size: int = 256
+    """Users scored per chunk."""
+    item_batch_size: int = 256
+    """Items encoded per chunk when building the item-embedding table."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name; the run folder is `out_dir/name`."""
+    out_dir: str = "runs"
+    """Parent folder of run folders."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.negatives == "catalogue" and self.model.item.mode != "frozen":
+            raise UserError(
+                "the whole catalogue can be the negative bank only when model.item.mode=frozen",
+                where="train.negatives",
+            )
+        if self.eval.metric.split("@")[0] not in ("recall", "ndcg", "mrr"):
+            raise UserError(
+                f"unknown metric {self.eval.metric!r}; use recall@k, ndcg@k or mrr", "eval.metric"
+            )
+        for key, value in (("train.batch_size", self.train.batch_size),
+                           ("train.accumulate", self.train.accumulate),
+                           ("data.max_history", self.data.max_history),
+                           ("data.max_text_tokens", self.data.max_text_tokens)):
+            if value < 1:
+                raise UserError(f"must be at least 1, got {value}", where=key)
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            keys += _valid_keys(type(default), key + ".")
+    return keys
+
+
+def _as_user_error(err: OmegaConfBaseException, source: str) -> UserError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        close = difflib.get_close_matches(key, _valid_keys(RunConfig), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return UserError(f"unknown config key {key!r} in {source}{hint}", where=key)
+    message = str(err).splitlines()[0]
+    if isinstance(err, ValidationError):
+        return UserError(f"{message} (from {source})", where=key)
+    return UserError(f"{message} (from {source})", where=key)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError("config file not found", where=str(path))
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"not valid YAML: {str(err).splitlines()[0]}", where=str(path)) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError("a config file must hold a mapping of keys", where=str(path))
+    return loaded
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults < YAML file < `a.b=value` overrides, checked against the dataclasses."""
+    merged = OmegaConf.structured(RunConfig)
+    layers: list[tuple[str, Any]] = []
+    if path is not None:
+        layers.append((str(path), _read_yaml(Path(path))))
+    if overrides:
+        bad = [item for item in overrides if "=" not in item]
+        if bad:
+            raise UserError(f"an override looks like key=value, got {bad[0]!r}", where=bad[0])
+        layers.append(("the command line", OmegaConf.from_dotlist(list(overrides))))
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as err:
+            raise _as_user_error(err, source) from None
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)

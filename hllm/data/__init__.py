@@ -1,0 +1,1 @@
+"""Data pipeline: files -> interactions + item table -> SequenceData -> batches."""
