@@ -1,0 +1,184 @@
+"""The `hllm` command: each command loads the config and makes one library call.
+
+A `UserError` becomes one line on stderr and exit code 2; `--debug` re-raises it with its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hllm.config import dump_config, load_config
+from hllm.data.dataset import prepare_dataset
+from hllm.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configurations.")
+app.add_typer(config_app, name="config")
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    """HLLM recommenders: prepare data, train, evaluate, recommend."""
+
+
+@config_app.command("show")
+def config_show(config: Path, overrides: Overrides = None) -> None:
+    """Print the resolved config (defaults < CONFIG < overrides) as YAML."""
+    typer.echo(dump_config(load_config(config, overrides)), nl=False)
+
+
+@app.command("prepare")
+def prepare(
+    path: Annotated[str, typer.Argument(help="Interaction file or dataset folder (data.path).")],
+    overrides: Overrides = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="auto, csv, parquet, recbole, lcrec or hllm.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML to start from.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the stats as JSON.")] = False,
+    tokenizer: Annotated[
+        str | None, typer.Option("--tokenizer", help="Tokenizer path: also report token lengths.")
+    ] = None,
+) -> None:
+    """Read, check and cache a dataset; print its statistics."""
+    choices = [f"data.format={fmt}"] if fmt else []
+    data_config = replace(load_config(config, [*choices, *(overrides or [])]).data, path=path)
+    data = prepare_dataset(data_config, tokenizer=_load_tokenizer(tokenizer) if tokenizer else None)
+    if as_json:
+        typer.echo(json.dumps(data.stats))
+    else:
+        Console().print(_stats_table(data.stats))
+
+
+def _load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer  # slow import, only when asked for
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        message = f"cannot load a tokenizer: {str(err).splitlines()[0]}"
+        raise UserError(message, where="--tokenizer") from None
+
+
+def _stats_table(stats: dict) -> Table:
+    table = Table(title=f"{stats['dataset']} ({stats['format']})", show_header=False)
+    rows = [("users", stats["users"]), ("items", stats["items"]),
+            ("interactions", stats["interactions"]), ("density", f"{stats['density']:.5f}"),
+            ("dropped users", stats["dropped_users"]),
+            ("dropped interactions (no item text)", stats["dropped_interactions_missing_text"]),
+            ("duplicates removed", stats["duplicates_removed"]),
+            ("dropped by k-core / short users", stats["dropped_interactions_filter"]),
+            ("timestamps", "yes" if stats["has_time"] else "no (file order)"),
+            ("text fields", ", ".join(stats["text_fields"]) or "-")]
+    for key, label in (("seq_len", "sequence length"), ("text_words", "text words"),
+                       ("text_tokens", "text tokens")):
+        if stats.get(key):
+            rows.append((label, "  ".join(f"{k} {v:g}" for k, v in stats[key].items())))
+    rows.append(("cache", stats["cache"]))
+    for label, value in rows:
+        table.add_row(label, f"{value:,}" if isinstance(value, int) else str(value))
+    return table
+
+
+@app.command("train")
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/).")],
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+) -> None:
+    """Train a model; writes runs/NAME/ (config, checkpoints, logs, metrics.json)."""
+    from hllm.train import fit
+
+    result = fit(load_config(config, overrides), resume=resume)
+    Console().print(_metrics_table({"valid": result["valid"], "test": result["test"]}))
+
+
+@app.command("evaluate")
+def evaluate_run(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by hllm train.")],
+    split: Annotated[str, typer.Option("--split", help="valid, test or both.")] = "both",
+    as_json: Annotated[bool, typer.Option("--json", help="Print {valid: {...}, test: {...}}.")] = False,
+) -> None:
+    """Score a trained run on the whole catalogue (best checkpoint)."""
+    from hllm.evaluate import evaluate, item_table
+    from hllm.runs import load_run
+
+    splits = {"both": ["valid", "test"], "valid": ["valid"], "test": ["test"]}.get(split)
+    if splits is None:
+        raise UserError(f"unknown split {split!r}; use valid, test or both", where="--split")
+    run = load_run(run_dir)
+    cfg = run.config
+    table = item_table(run.model, run.data.num_items, run.item_tokens,
+                       batch_size=cfg.eval.item_batch_size)
+    result = {name: evaluate(run.model, run.data, name, item_tokens=run.item_tokens,
+                             ks=cfg.eval.ks, batch_size=cfg.eval.batch_size,
+                             max_history=cfg.data.max_history, table=table) for name in splits}
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        Console().print(_metrics_table(result))
+
+
+@app.command("recommend")
+def recommend(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by hllm train.")],
+    user: Annotated[str | None, typer.Option("--user", help="A user id of the dataset.")] = None,
+    items: Annotated[
+        str | None, typer.Option("--items", help="A history of item ids, oldest first: A,B,C.")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", help="How many items.")] = 10,
+) -> None:
+    """Top-k items for a user of the dataset or for a given history, with titles and scores."""
+    from hllm.demo import show_recommendations
+    from hllm.runs import load_run
+
+    if (user is None) == (items is None):
+        raise UserError("give exactly one of --user ID or --items ID,ID,...", where="recommend")
+    show_recommendations(load_run(run_dir), user=user,
+                         items=items.split(",") if items else None, k=k, console=Console())
+
+
+@app.command("demo")
+def demo(overrides: Overrides = None) -> None:
+    """Prepare bundled ml-100k, train a small HLLM, compare with popularity, recommend."""
+    from hllm.demo import run_demo
+
+    run_demo(overrides=overrides)
+
+
+def _metrics_table(result: dict[str, dict]) -> Table:
+    names = [k for k in next(iter(result.values())) if k != "users"]
+    table = Table(title="full-ranking metrics (history masked)")
+    table.add_column("split")
+    for name in names:
+        table.add_column(name, justify="right")
+    for split, metrics in result.items():
+        table.add_row(split, *(f"{metrics[name]:.4f}" for name in names))
+    return table
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except UserError as err:
+        if debug:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except click.exceptions.ClickException as err:  # usage errors: click's message, exit 2
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)

@@ -1,0 +1,199 @@
+"""Training windows, shared negatives and collation into `TrainBatch` / `EvalBatch`.
+
+Dims: B sequences, L history length, K negatives, U distinct items of a batch, H full-history length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from hllm.data.dataset import SequenceData
+from hllm.data.text import PAD_ID, ItemTokens, PackedItems, pack_items
+
+
+def _move(obj, device):
+    values = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        values[f.name] = value.to(device) if value is not None else None
+    return type(obj)(**values)
+
+
+@dataclass
+class TrainBatch:
+    """B windows of L+1 consecutive items (left-padded with PAD); position j predicts item j+1."""
+
+    items: Tensor  # (B, L+1) item ids
+    mask: Tensor  # (B, L) bool: input j is a real item (so is its target j+1)
+    negatives: Tensor  # (K,) item ids shared by every position of the batch
+    batch_items: Tensor  # (U,) distinct real item ids of `items` and `negatives`, sorted
+    item_index: Tensor  # (B, L+1) index of each item in batch_items (0 where PAD)
+    negative_index: Tensor  # (K,) index of each negative in batch_items
+    text: PackedItems | None  # tokens of batch_items packed in one row, when the model reads text
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        return _move(self, device)
+
+
+@dataclass
+class EvalBatch:
+    """B users to score: their most recent history, the target, and every item they have seen."""
+
+    users: Tensor  # (B,) internal user index
+    history: Tensor  # (B, L) left-padded most recent history
+    targets: Tensor  # (B,) item id to find
+    seen: Tensor  # (B, H) the whole history (PAD-padded), masked from the ranking
+
+    def to(self, device: torch.device | str) -> EvalBatch:
+        return _move(self, device)
+
+
+def left_pad(rows: list[np.ndarray], width: int) -> np.ndarray:
+    """Stack the last `width` items of each row, right-aligned, PAD on the left."""
+    out = np.full((len(rows), width), PAD_ID, dtype=np.int64)
+    for i, row in enumerate(rows):
+        row = row[-width:]
+        if len(row):
+            out[i, width - len(row) :] = row
+    return out
+
+
+def training_windows(data: SequenceData, max_history: int) -> np.ndarray:
+    """(W, 3) rows of (user, start, end): windows of at most L+1 items over each training sequence.
+
+    Windows end at the last training item and step back by L, overlapping by one item, so every
+    transition of the training sequence is trained exactly once (the reference dropped the earliest
+    items and the transitions across window boundaries).
+    """
+    lengths = np.diff(data.offsets) - 2  # the last two items are validation and test
+    users = np.flatnonzero(lengths >= 2)
+    counts = -(-(lengths[users] - 1) // max_history)  # ceil((n - 1) / L) windows per user
+    user_of_window = np.repeat(users, counts)
+    first = np.zeros(len(users), dtype=np.int64)
+    np.cumsum(counts[:-1], out=first[1:])
+    back = np.arange(counts.sum()) - np.repeat(first, counts)  # 0 for the most recent window
+    end = data.offsets[user_of_window] + lengths[user_of_window] - back * max_history
+    start = np.maximum(end - max_history - 1, data.offsets[user_of_window])
+    return np.stack([user_of_window, start, end], axis=1)
+
+
+class TrainBatches(Dataset):
+    """Map-style dataset of whole batches, so every batch's randomness depends only on
+    (seed, epoch, batch number): resuming at an epoch boundary replays exactly, with any worker count.
+
+    Each process (rank) reads batches rank, rank + world, ... of the same shuffled order.
+    """
+
+    def __init__(
+        self,
+        data: SequenceData,
+        *,
+        max_history: int,
+        batch_size: int,
+        num_negatives: int,
+        seed: int,
+        item_tokens: ItemTokens | None = None,
+        slots: int = 0,
+        exclude_own_items: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.data = data
+        self.windows = training_windows(data, max_history)
+        self.max_history = max_history
+        self.batch_size = batch_size
+        self.num_negatives = num_negatives
+        self.seed = seed
+        self.item_tokens = item_tokens
+        self.slots = slots
+        self.exclude_own_items = exclude_own_items
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.windows) // self.batch_size // self.world_size or 1
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.windows))
+
+    def __getitem__(self, index: int) -> TrainBatch:
+        batch_number = index * self.world_size + self.rank
+        chosen = self._order()[batch_number * self.batch_size : (batch_number + 1) * self.batch_size]
+        rows = [self.data.items[start:end] for _, start, end in self.windows[chosen]]
+        items = left_pad(rows, self.max_history + 1)
+        rng = np.random.default_rng([self.seed, self.epoch, batch_number, 1])
+        negatives = self._sample_negatives(rng, np.concatenate(rows))
+        return self._collate(items, negatives)
+
+    def _sample_negatives(self, rng: np.random.Generator, own: np.ndarray) -> np.ndarray:
+        """K distinct items drawn uniformly from the catalogue (never PAD, optionally never `own`)."""
+        num_real = self.data.num_items - 1
+        excluded = np.unique(own) if self.exclude_own_items else np.empty(0, dtype=np.int64)
+        available = num_real - len(excluded)
+        if self.num_negatives <= 0 or available <= 0:
+            return np.empty(0, dtype=np.int64)
+        k = min(self.num_negatives, available)
+        if k > available // 2:  # dense: draw from the explicit complement
+            pool = np.setdiff1d(np.arange(1, num_real + 1), excluded, assume_unique=True)
+            return np.sort(rng.choice(pool, size=k, replace=False))
+        picked = np.empty(0, dtype=np.int64)
+        while len(picked) < k:
+            draw = rng.integers(1, num_real + 1, size=2 * k)
+            picked = np.unique(np.concatenate([picked, np.setdiff1d(draw, excluded)]))
+        return np.sort(rng.choice(picked, size=k, replace=False))
+
+    def _collate(self, items: np.ndarray, negatives: np.ndarray) -> TrainBatch:
+        batch_items = np.union1d(items[items != PAD_ID], negatives)
+        item_index = np.searchsorted(batch_items, items).clip(max=len(batch_items) - 1)
+        item_index[items == PAD_ID] = 0
+        text = None
+        if self.item_tokens is not None:
+            text = pack_items(self.item_tokens, batch_items, slots=self.slots)
+        return TrainBatch(
+            items=torch.from_numpy(items),
+            mask=torch.from_numpy(items[:, :-1] != PAD_ID),
+            negatives=torch.from_numpy(negatives),
+            batch_items=torch.from_numpy(batch_items),
+            item_index=torch.from_numpy(item_index),
+            negative_index=torch.from_numpy(np.searchsorted(batch_items, negatives)),
+            text=text,
+        )
+
+
+def target_positions(data: SequenceData, split: Literal["valid", "test"]) -> np.ndarray:
+    """Position in `data.items` of each user's target under leave-one-out (its history precedes it)."""
+    return data.offsets[1:] - (2 if split == "valid" else 1)
+
+
+def eval_batches(
+    data: SequenceData, split: Literal["valid", "test"], *, batch_size: int, max_history: int
+):
+    """Yield EvalBatch chunks over all users: history = everything before the split's target."""
+    target_pos = target_positions(data, split)
+    for first in range(0, data.num_users, batch_size):
+        users = np.arange(first, min(first + batch_size, data.num_users))
+        seen = [data.items[data.offsets[u] : target_pos[u]] for u in users]
+        width = max(len(s) for s in seen)
+        yield EvalBatch(
+            users=torch.from_numpy(users),
+            history=torch.from_numpy(left_pad(seen, max_history)),
+            targets=torch.from_numpy(data.items[target_pos[users]]),
+            seen=torch.from_numpy(left_pad(seen, width)),
+        )
+
+
+def training_items(data: SequenceData) -> np.ndarray:
+    """Every item occurrence in the training part of the split (all but each user's last two)."""
+    user_of = np.repeat(np.arange(data.num_users), np.diff(data.offsets))
+    keep = np.arange(len(data.items)) < data.offsets[1:][user_of] - 2
+    return data.items[keep]

@@ -1,0 +1,143 @@
+"""Full-ranking evaluation shared by every model: item-embedding table once, users in chunks,
+history masked, Recall/NDCG/MRR, and a protocol card so numbers are compared like with like.
+
+Dims: B users per chunk, N catalogue items (row 0 = PAD), D width.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hllm.data.batches import eval_batches
+from hllm.data.dataset import SequenceData
+from hllm.data.text import ItemTokens, PackedItems, pack_items
+from hllm.errors import UserError
+from hllm.metrics import mask_history, summarize, target_ranks
+
+Split = Literal["valid", "test"]
+
+
+class Recommender(Protocol):
+    needs_text: bool
+    item_slots: int
+
+    def encode_items(self, item_ids: Tensor, text: PackedItems | None) -> Tensor: ...
+
+    def encode_users(self, history: Tensor, item_table: Tensor) -> Tensor: ...
+
+
+@torch.no_grad()
+def item_table(
+    model: Recommender,
+    num_items: int,
+    item_tokens: ItemTokens | None,
+    *,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Encode every item once, PAD included (row 0), in chunks of `batch_size` -> (N, D)."""
+    rows = []
+    for first in range(0, num_items, batch_size):
+        ids = np.arange(first, min(first + batch_size, num_items))
+        text = None
+        if model.needs_text:
+            text = pack_items(item_tokens, ids, slots=model.item_slots).to(device)
+        rows.append(model.encode_items(torch.from_numpy(ids).to(device), text))
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def rank_users(
+    model: Recommender,
+    data: SequenceData,
+    table: Tensor,
+    split: Split,
+    *,
+    batch_size: int,
+    max_history: int,
+) -> Tensor:
+    """1-based rank of every user's target among all items, history items masked -> (U,)."""
+    ranks = []
+    for batch in eval_batches(data, split, batch_size=batch_size, max_history=max_history):
+        batch = batch.to(table.device)
+        users = model.encode_users(batch.history, table)  # (B, D)
+        scores = (users.float() @ table.float().T)  # (B, N)
+        mask_history(scores, batch.seen, batch.targets)
+        try:
+            ranks.append(target_ranks(scores, batch.targets))
+        except ValueError as err:
+            raise UserError(
+                f"{err}; the model produced non-finite scores (diverged or a fully masked "
+                "attention row); check the learning rate and precision",
+                where=f"{split} users {int(batch.users[0])}..{int(batch.users[-1])}",
+            ) from None
+    return torch.cat(ranks)
+
+
+def evaluate(
+    model: Recommender,
+    data: SequenceData,
+    split: Split,
+    *,
+    item_tokens: ItemTokens | None,
+    ks: list[int],
+    batch_size: int = 256,
+    item_batch_size: int = 256,
+    max_history: int = 50,
+    device: torch.device | str = "cpu",
+    table: Tensor | None = None,
+) -> dict[str, float]:
+    """Metrics of `split` over every user; pass `table` to reuse an item-embedding table."""
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        if table is None:
+            table = item_table(model, data.num_items, item_tokens, batch_size=item_batch_size,
+                               device=device)
+        ranks = rank_users(model, data, table, split, batch_size=batch_size,
+                           max_history=max_history)
+    finally:
+        if was_training:
+            model.train()
+    return summarize(ranks, ks)
+
+
+def protocol_card(data: SequenceData, split: Split, *, model: str, config_hash: str) -> dict:
+    """What a metric was measured on, stored beside it, so numbers are never compared blindly."""
+    return {
+        "dataset": data.name,
+        "dataset_hash": data.fingerprint,
+        "split": f"leave-one-out ({split}: {'second-to-last' if split == 'valid' else 'last'} item)",
+        "ranking": "full catalogue",
+        "items_ranked": data.num_items - 1,
+        "users": data.num_users,
+        "history_masking": "all earlier items of the user, except the target itself",
+        "model": model,
+        "config_hash": config_hash,
+    }
+
+
+@torch.no_grad()
+def recommend_items(
+    model: Recommender,
+    table: Tensor,
+    history: list[int],
+    *,
+    k: int,
+    max_history: int,
+    exclude_history: bool = True,
+) -> tuple[list[int], list[float]]:
+    """Top-k item ids and scores for one history (internal ids, oldest first)."""
+    recent = torch.tensor([[0] * max(0, max_history - len(history)) + history[-max_history:]],
+                          device=table.device)
+    scores = (model.encode_users(recent, table).float() @ table.float().T)[0]  # (N,)
+    scores[0] = -torch.inf
+    if exclude_history and history:
+        scores[torch.tensor(history, device=table.device)] = -torch.inf
+    top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
+    return top.indices.tolist(), top.values.tolist()

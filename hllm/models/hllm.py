@@ -1,0 +1,114 @@
+"""HLLM: Item LLM (text -> item embedding) + projection + User LLM (history -> next-item embedding).
+
+Item embeddings are L2-normalised before the User LLM reads them, so training, ranking and the
+cached item table all share one geometry. Dims: B sequences, L history, U batch items, N catalogue, D width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hllm.data.batches import TrainBatch
+from hllm.data.text import PackedItems
+from hllm.models.item_encoder import ItemEncoder
+from hllm.models.losses import LogitScale, catalogue_softmax, info_nce
+from hllm.models.user_encoder import UserEncoder
+
+COSINE_SAMPLE = 128
+
+
+def mean_pairwise_cosine(embeddings: Tensor) -> float:
+    """Mean cosine between distinct rows of a sample: near 1 means the item embeddings collapsed."""
+    sample = F.normalize(embeddings[:COSINE_SAMPLE].detach().float(), dim=-1)
+    n = len(sample)
+    if n < 2:
+        return float("nan")
+    sims = sample @ sample.T
+    return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
+
+
+class HLLM(nn.Module):
+    def __init__(
+        self,
+        item_encoder: ItemEncoder,
+        user_encoder: UserEncoder,
+        *,
+        item_width: int,
+        user_width: int,
+        temperature: float = 0.07,
+        nce_threshold: float = 0.99,
+        frozen_items: bool = False,
+        catalogue_negatives: bool = False,
+    ) -> None:
+        super().__init__()
+        self.item_encoder = item_encoder
+        self.user_encoder = user_encoder
+        # The reference required equal widths; a linear map lets any Item LLM feed any User LLM.
+        self.projection = (
+            nn.Identity() if item_width == user_width else nn.Linear(item_width, user_width, bias=False)
+        )
+        self.logit_scale = LogitScale(temperature)
+        self.nce_threshold = nce_threshold
+        self.frozen_items = frozen_items
+        self.catalogue_negatives = catalogue_negatives
+        # Frozen mode: Item LLM outputs computed once for the whole catalogue (N, D_item).
+        self.register_buffer("item_cache", None, persistent=False)
+        # Set by the training loop to Fabric's all_gather when several processes train.
+        self.gather: Callable[[Tensor], Tensor] = lambda x: x
+        self.last_stats: dict[str, float] = {}
+
+    @property
+    def needs_text(self) -> bool:
+        return not self.frozen_items
+
+    @property
+    def item_slots(self) -> int:
+        return self.item_encoder.slots
+
+    def encode_items(self, item_ids: Tensor, text: PackedItems | None) -> Tensor:
+        """Normalised, projected item embeddings (N, D_user) from text (or the frozen cache)."""
+        if text is None:
+            if self.item_cache is None:
+                raise RuntimeError("frozen item side: call cache_items() before training")
+            raw = self.item_cache[item_ids]
+        else:
+            raw = self.item_encoder(text)
+        return F.normalize(self.projection(raw.float()), dim=-1)
+
+    @torch.no_grad()
+    def cache_items(self, raw_table: Tensor) -> None:
+        """Store the frozen Item LLM outputs for every item id (row 0 = PAD)."""
+        self.item_cache = raw_table.detach()
+
+    def encode_users(self, history: Tensor, item_table: Tensor) -> Tensor:
+        """Normalised prediction of the next item for left-padded histories (B, L) -> (B, D)."""
+        mask = history != 0
+        states = self.user_encoder.last_state(item_table[history] * mask.unsqueeze(-1), mask)
+        return F.normalize(states.float(), dim=-1)
+
+    def training_loss(self, batch: TrainBatch) -> Tensor:
+        embeddings = self.encode_items(batch.batch_items, batch.text)  # (U, D)
+        present = (batch.items != 0).unsqueeze(-1)
+        sequence = embeddings[batch.item_index] * present  # (B, L+1, D)
+        outputs = self.user_encoder(sequence[:, :-1], batch.mask)  # (B, L, D)
+        user = outputs[batch.mask]  # (n, D) only real positions
+        target = sequence[:, 1:][batch.mask]  # (n, D)
+        scale = self.logit_scale()
+        if self.catalogue_negatives:
+            table = self.encode_items(torch.arange(len(self.item_cache), device=user.device), None)
+            out = catalogue_softmax(user, table, batch.items[:, 1:][batch.mask], scale)
+        else:
+            negatives = embeddings[batch.negative_index]  # (K, D)
+            out = info_nce(user, target, negatives, scale, threshold=self.nce_threshold,
+                           gather=self.gather)
+        self.last_stats = {
+            "accuracy": out.accuracy,
+            "temperature": 1.0 / float(scale),
+            "item_cosine": mean_pairwise_cosine(embeddings),
+            "negatives_kept": out.negatives_kept,
+        }
+        return out.loss

@@ -1,0 +1,133 @@
+"""Run folders: build the model a config describes, and load a trained run back for use.
+
+A run folder holds `config.yaml`, `checkpoints/{last,best}.ckpt`, `logs/` and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from hllm.config import RunConfig, config_to_dict, load_config
+from hllm.data.batches import training_items
+from hllm.data.dataset import SequenceData, prepare_dataset
+from hllm.data.text import ItemTokens, pack_items, tokenize_items
+from hllm.errors import UserError
+from hllm.files import hash_json
+from hllm.models.backbone import load_backbone
+from hllm.models.hllm import HLLM
+from hllm.models.item_encoder import ItemEncoder
+from hllm.models.popularity import Popularity
+from hllm.models.user_encoder import UserEncoder
+
+
+def run_folder(config: RunConfig) -> Path:
+    return Path(config.out_dir) / config.name
+
+
+def config_hash(config: RunConfig) -> str:
+    return hash_json(config_to_dict(config))
+
+
+def add_lora(module: nn.Module, rank: int, alpha: int) -> None:
+    """Inject LoRA adapters into every linear layer of `module`; only the adapters stay trainable."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear"), module)
+    for name, param in module.named_parameters():
+        param.requires_grad = "lora_" in name
+
+
+def build_model(config: RunConfig, data: SequenceData) -> tuple[nn.Module, ItemTokens | None]:
+    """The model `config.model` describes, plus the catalogue's item tokens when it reads text."""
+    match config.model.kind:
+        case "popularity":
+            return Popularity(training_items(data), data.num_items), None
+        case "hllm":
+            return _build_hllm(config, data)
+
+
+def _build_hllm(config: RunConfig, data: SequenceData) -> tuple[HLLM, ItemTokens]:
+    item_cfg, user_cfg = config.model.item, config.model.user
+    torch.manual_seed(config.train.seed)
+    item_backbone = load_backbone(item_cfg.backbone, pretrained=item_cfg.pretrained)
+    user_backbone = load_backbone(user_cfg.backbone, pretrained=user_cfg.pretrained)
+    if item_backbone.tokenizer is None:
+        raise UserError(f"{item_cfg.backbone!r} has no tokenizer to read item text",
+                        where="model.item.backbone")
+    item_encoder = ItemEncoder(item_backbone, pooling=item_cfg.pooling)
+    frozen = item_cfg.mode == "frozen"
+    if frozen:
+        item_encoder.requires_grad_(False)
+    elif item_cfg.mode == "lora":
+        add_lora(item_backbone.model, item_cfg.lora_rank, item_cfg.lora_alpha)
+    if config.train.gradient_checkpointing:
+        item_encoder.set_gradient_checkpointing(True)
+    model = HLLM(
+        item_encoder,
+        UserEncoder(user_backbone),
+        item_width=item_backbone.hidden_size,
+        user_width=user_backbone.hidden_size,
+        temperature=config.model.temperature,
+        nce_threshold=config.model.nce_threshold,
+        frozen_items=frozen,
+        catalogue_negatives=config.train.negatives == "catalogue",
+    )
+    tokens = tokenize_items(list(data.item_text), item_backbone.tokenizer, config.data.max_text_tokens)
+    return model, tokens
+
+
+@torch.no_grad()
+def cache_frozen_items(model: nn.Module, tokens: ItemTokens, *, batch_size: int,
+                       device: torch.device | str) -> None:
+    """Frozen item side: run the Item LLM once over the catalogue and keep its outputs."""
+    if not getattr(model, "frozen_items", False):
+        return
+    model.item_encoder.eval()
+    rows = []
+    for first in range(0, len(tokens), batch_size):
+        ids = np.arange(first, min(first + batch_size, len(tokens)))
+        rows.append(model.item_encoder(pack_items(tokens, ids, slots=model.item_slots).to(device)))
+    model.cache_items(torch.cat(rows))
+
+
+@dataclass
+class Run:
+    folder: Path
+    config: RunConfig
+    data: SequenceData
+    model: nn.Module
+    item_tokens: ItemTokens | None
+
+
+def read_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError("no checkpoint here; train first (hllm train CONFIG)", where=str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise UserError(f"checkpoint is damaged or not a checkpoint ({type(err).__name__})",
+                        where=str(path)) from None
+
+
+def load_run(folder: str | Path, *, checkpoint: str = "best") -> Run:
+    """Rebuild a trained run's model from its folder and load the chosen checkpoint's weights."""
+    folder = Path(folder)
+    if not (folder / "config.yaml").is_file():
+        raise UserError("not a run folder (no config.yaml)", where=str(folder))
+    config = load_config(folder / "config.yaml")
+    data = prepare_dataset(config.data)
+    model, tokens = build_model(config, data)
+    if config.model.kind != "popularity":
+        state = read_checkpoint(folder / "checkpoints" / f"{checkpoint}.ckpt")
+        if "model" not in state:
+            raise UserError("checkpoint has no model weights",
+                            where=str(folder / "checkpoints" / f"{checkpoint}.ckpt"))
+        model.load_state_dict(state["model"])
+        cache_frozen_items(model, tokens, batch_size=config.eval.item_batch_size, device="cpu")
+    model.eval()
+    return Run(folder, config, data, model, tokens)
