@@ -76,6 +76,7 @@ def _build_hllm(config: RunConfig, data: SequenceData) -> tuple[HLLM, ItemTokens
         nce_threshold=config.model.nce_threshold,
         frozen_items=frozen,
         catalogue_negatives=config.train.negatives == "catalogue",
+        exclude_own_items=config.train.exclude_own_items,
     )
     tokens = tokenize_items(list(data.item_text), item_backbone.tokenizer, config.data.max_text_tokens)
     return model, tokens

@@ -101,13 +101,13 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
         write_text(folder / "config.yaml", dump_config(config))
     if fabric.world_size > 1:
         model.gather = lambda x: fabric.all_gather(x, sync_grads=True).reshape(-1, x.shape[-1])
+        model.gather_ids = lambda x: fabric.all_gather(x).reshape(-1)
     optimizer = torch.optim.AdamW(param_groups(model, config.train.weight_decay), lr=config.train.lr)
     batches = TrainBatches(
         data, max_history=config.data.max_history, batch_size=config.train.batch_size,
         num_negatives=0 if config.train.negatives == "catalogue" else config.train.num_negatives,
         seed=config.train.seed, item_tokens=tokens if model.needs_text else None,
-        slots=model.item_slots, exclude_own_items=config.train.exclude_own_items,
-        rank=fabric.global_rank, world_size=fabric.world_size)
+        slots=model.item_slots, rank=fabric.global_rank, world_size=fabric.world_size)
     steps_per_epoch = math.ceil(len(batches) / config.train.accumulate)
     total = steps_per_epoch * config.train.epochs
     if config.train.max_steps > 0:
@@ -141,6 +141,7 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
         batches.set_epoch(state.epoch)
         train_epoch(fabric, model, optimizer, scheduler, batches, config, state, snapshot)
         if state.batch < len(batches):  # stopped by max_steps inside the epoch
+            snapshot(last)
             break
         metrics = validate()
         state.epoch, state.batch = state.epoch + 1, 0
@@ -153,7 +154,6 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
                          f"{state.bad_epochs} epochs")
             break
     if not best.exists():  # no full epoch yet: the current weights are the best we have
-        snapshot(last)
         snapshot(best)
     return finish(fabric, config, folder, model, data, tokens, state, time.perf_counter() - started)
 

@@ -41,3 +41,65 @@ def ml100k_small(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     (folder / "ml-100k-small.item").write_bytes((source / "ml-100k.item").read_bytes())
     config = DataConfig(path=str(folder), cache_dir=str(tmp_path_factory.mktemp("cache")))
     return prepare_dataset(config)
+
+
+CYCLE_ITEMS = 12
+CYCLE_USERS = 36
+
+
+@pytest.fixture(scope="session")
+def cycle_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A deterministic pattern: every user walks a cycle of 12 items, so item i is always followed
+    by item i+1; a model that learns it ranks the next item first (Recall@1 = 1)."""
+    folder = tmp_path_factory.mktemp("cycle")
+    rows = [
+        (f"u{user}", f"i{(user + step) % CYCLE_ITEMS}", step)
+        for user in range(CYCLE_USERS)
+        for step in range(6)
+    ]
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(
+        folder / "cycle.csv", index=False
+    )
+    names = [
+        "red lamp",
+        "blue pen",
+        "green ink",
+        "black tape",
+        "white desk",
+        "gold box",
+        "paper kit",
+        "glass set",
+        "water bag",
+        "mini cable",
+        "dark chair",
+        "pro light",
+    ]
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(CYCLE_ITEMS)], "title": names})
+    items.to_csv(folder / "cycle_items.csv", index=False)
+    return folder
+
+
+def tiny_overrides(data_folder: Path, out_dir: Path, **extra: object) -> list[str]:
+    """Config overrides for a fast CPU run on tiny random models over the cycle data."""
+    values = {
+        "name": "tiny",
+        "out_dir": out_dir,
+        "data.path": data_folder / "cycle.csv",
+        "data.item_path": data_folder / "cycle_items.csv",
+        "data.cache_dir": out_dir / "cache",
+        "data.prompt": "''",
+        "data.max_history": 5,
+        "model.item.backbone": "tiny-bert",
+        "model.item.pooling": "mean",
+        "model.user.backbone": "tiny-llama",
+        "train.batch_size": 8,
+        "train.num_negatives": 8,
+        "train.lr": 3e-3,
+        "train.warmup": 0.0,
+        "train.log_every": 1,
+        "train.accelerator": "cpu",
+        "eval.metric": "recall@1",
+        "eval.ks": "[1,5]",
+    }
+    values.update({key.replace("__", "."): value for key, value in extra.items()})
+    return [f"{key}={value}" for key, value in values.items()]

@@ -143,3 +143,18 @@ def test_fixed_logit_scale_is_a_buffer():
 def test_logit_scale_rejects_temperature_outside_clamp():
     with pytest.raises(ValueError, match="temperature"):
         LogitScale(0.001)
+
+
+def test_excluded_negatives_are_masked_per_row():
+    user = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    target = user.clone()
+    negatives = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
+    excluded = torch.tensor([[True, False, False], [False, False, False]])
+    out = info_nce(user, target, negatives, torch.tensor(1.0), excluded=excluded)
+    # row 0 keeps negatives 1 (its own target: filtered at cos 1) -> only 2; row 1 loses 0 by
+    # the duplicate filter and keeps 1 and 2
+    row0 = torch.tensor([1.0, 0.6])
+    row1 = torch.tensor([1.0, 0.0, 0.8])
+    expected = ((torch.logsumexp(row0, 0) - 1.0) + (torch.logsumexp(row1, 0) - 1.0)) / 2
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    assert out.negatives_kept == 1.5

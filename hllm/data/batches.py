@@ -100,7 +100,6 @@ class TrainBatches(Dataset):
         seed: int,
         item_tokens: ItemTokens | None = None,
         slots: int = 0,
-        exclude_own_items: bool = True,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -112,7 +111,6 @@ class TrainBatches(Dataset):
         self.seed = seed
         self.item_tokens = item_tokens
         self.slots = slots
-        self.exclude_own_items = exclude_own_items
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
@@ -132,25 +130,13 @@ class TrainBatches(Dataset):
         rows = [self.data.items[start:end] for _, start, end in self.windows[chosen]]
         items = left_pad(rows, self.max_history + 1)
         rng = np.random.default_rng([self.seed, self.epoch, batch_number, 1])
-        negatives = self._sample_negatives(rng, np.concatenate(rows))
-        return self._collate(items, negatives)
-
-    def _sample_negatives(self, rng: np.random.Generator, own: np.ndarray) -> np.ndarray:
-        """K distinct items drawn uniformly from the catalogue (never PAD, optionally never `own`)."""
+        # K distinct negatives, uniform over the catalogue, never PAD. A user's own items are
+        # masked per row in the loss, not here: excluding the union of a batch's items would
+        # starve small catalogues and under-sample popular items.
         num_real = self.data.num_items - 1
-        excluded = np.unique(own) if self.exclude_own_items else np.empty(0, dtype=np.int64)
-        available = num_real - len(excluded)
-        if self.num_negatives <= 0 or available <= 0:
-            return np.empty(0, dtype=np.int64)
-        k = min(self.num_negatives, available)
-        if k > available // 2:  # dense: draw from the explicit complement
-            pool = np.setdiff1d(np.arange(1, num_real + 1), excluded, assume_unique=True)
-            return np.sort(rng.choice(pool, size=k, replace=False))
-        picked = np.empty(0, dtype=np.int64)
-        while len(picked) < k:
-            draw = rng.integers(1, num_real + 1, size=2 * k)
-            picked = np.unique(np.concatenate([picked, np.setdiff1d(draw, excluded)]))
-        return np.sort(rng.choice(picked, size=k, replace=False))
+        k = min(max(self.num_negatives, 0), num_real)
+        negatives = np.sort(rng.choice(num_real, size=k, replace=False) + 1)
+        return self._collate(items, negatives)
 
     def _collate(self, items: np.ndarray, negatives: np.ndarray) -> TrainBatch:
         batch_items = np.union1d(items[items != PAD_ID], negatives)

@@ -43,22 +43,28 @@ class HLLM(nn.Module):
         nce_threshold: float = 0.99,
         frozen_items: bool = False,
         catalogue_negatives: bool = False,
+        exclude_own_items: bool = True,
     ) -> None:
         super().__init__()
         self.item_encoder = item_encoder
         self.user_encoder = user_encoder
         # The reference required equal widths; a linear map lets any Item LLM feed any User LLM.
         self.projection = (
-            nn.Identity() if item_width == user_width else nn.Linear(item_width, user_width, bias=False)
+            nn.Identity()
+            if item_width == user_width
+            else nn.Linear(item_width, user_width, bias=False)
         )
         self.logit_scale = LogitScale(temperature)
         self.nce_threshold = nce_threshold
         self.frozen_items = frozen_items
         self.catalogue_negatives = catalogue_negatives
+        self.exclude_own_items = exclude_own_items
         # Frozen mode: Item LLM outputs computed once for the whole catalogue (N, D_item).
         self.register_buffer("item_cache", None, persistent=False)
-        # Set by the training loop to Fabric's all_gather when several processes train.
+        # Set by the training loop to Fabric's all_gather when several processes train: negative
+        # embeddings (with gradient) and their ids, so every rank scores against one shared bank.
         self.gather: Callable[[Tensor], Tensor] = lambda x: x
+        self.gather_ids: Callable[[Tensor], Tensor] = lambda x: x
         self.last_stats: dict[str, float] = {}
 
     @property
@@ -103,12 +109,27 @@ class HLLM(nn.Module):
             out = catalogue_softmax(user, table, batch.items[:, 1:][batch.mask], scale)
         else:
             negatives = embeddings[batch.negative_index]  # (K, D)
-            out = info_nce(user, target, negatives, scale, threshold=self.nce_threshold,
-                           gather=self.gather)
+            out = info_nce(
+                user,
+                target,
+                negatives,
+                scale,
+                threshold=self.nce_threshold,
+                gather=self.gather,
+                excluded=self._own_items(batch),
+            )
         self.last_stats = {
             "accuracy": out.accuracy,
-            "temperature": 1.0 / float(scale),
+            "temperature": self.logit_scale.temperature,
             "item_cosine": mean_pairwise_cosine(embeddings),
             "negatives_kept": out.negatives_kept,
         }
         return out.loss
+
+    def _own_items(self, batch: TrainBatch) -> Tensor | None:
+        """(n, K') True where a bank negative is an item of the row's own window."""
+        if not self.exclude_own_items:
+            return None
+        bank_ids = self.gather_ids(batch.negatives)  # (K',)
+        own = (batch.items.unsqueeze(-1) == bank_ids).any(1)  # (B, K')
+        return own.unsqueeze(1).expand(-1, batch.mask.shape[1], -1)[batch.mask]  # (n, K')

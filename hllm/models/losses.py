@@ -74,6 +74,7 @@ def info_nce(
     *,
     threshold: float = 0.99,
     gather: Callable[[Tensor], Tensor] = _identity,
+    excluded: Tensor | None = None,
 ) -> NceOutput:
     """InfoNCE of each user row against its target and one bank of negatives shared by all rows.
 
@@ -86,11 +87,15 @@ def info_nce(
             (the same item or a near-duplicate) and is masked for that row.
         gather: builds the shared bank from the normalised negatives, (M, D) -> (M', D); in
             training, all_gather with gradient across ranks, flattened.
+        excluded: (n, M') bool, negatives to drop for a row besides the duplicates (e.g. items
+            the row's user has interacted with); it indexes the gathered bank.
     """
     user, target = _normalize(user), _normalize(target)  # (n, D)
     bank = gather(_normalize(negatives))  # (M', D)
     positive = (user * target).sum(-1, keepdim=True)  # (n, 1)
     duplicate = target @ bank.T > threshold  # (n, M')
+    if excluded is not None:
+        duplicate = duplicate | excluded
     logits = torch.cat([positive, user @ bank.T], dim=1) * scale.float()  # (n, 1 + M')
     # Mask after scaling: -inf * scale would give a NaN gradient for the scale. The positive
     # (column 0) is never masked, so every row keeps a finite logsumexp.

@@ -1,0 +1,143 @@
+"""Every command end to end on a tiny config, through the real entry point; bad input exits 2."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hllm.cli import main
+from tests.conftest import tiny_overrides
+
+
+def run_cli(*args: object) -> tuple[int, str, str]:
+    """Run `hllm ARGS` in-process through `main()`; return (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["hllm", *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exit_info:
+        code = exit_info.code or 0
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(code: int, err: str, *expected: str) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in lines[0], err
+
+
+@pytest.fixture(scope="module")
+def run_dir(cycle_data, tmp_path_factory) -> Path:
+    """`hllm train` for 4 steps, then `--resume` to 6: the run folder of a short real run."""
+    out = tmp_path_factory.mktemp("runs")
+    config = out / "tiny.yaml"
+    config.write_text("train:\n  epochs: 3\n")
+    overrides = tiny_overrides(cycle_data, out)
+    code, _, err = run_cli("train", config, *overrides, "train.max_steps=4")
+    assert code == 0, err
+    checkpoint = torch.load(out / "tiny" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["train_state"]["step"] == 4
+    code, _, err = run_cli("train", config, *overrides, "train.max_steps=6", "--resume")
+    assert code == 0, err
+    return out / "tiny"
+
+
+def test_train_writes_the_run_folder_and_resumes(run_dir):
+    for name in (
+        "config.yaml",
+        "metrics.json",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+        "logs/metrics.csv",
+    ):
+        assert (run_dir / name).is_file(), name
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["train_state"]["step"] == 6
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 6
+    assert metrics["protocol"]["items_ranked"] == 12 and "dataset_hash" in metrics["protocol"]
+
+
+def test_evaluate_json_matches_the_training_metrics(run_dir):
+    code, out, err = run_cli("evaluate", run_dir, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert set(result) == {"valid", "test"}
+    assert result["test"] == saved["test"]
+    assert {"recall@1", "ndcg@5", "mrr"} <= set(result["valid"])
+
+
+def test_recommend_prints_titles_for_a_user_and_a_history(run_dir):
+    code, out, err = run_cli("recommend", run_dir, "--user", "u3", "-k", "3")
+    assert code == 0, err
+    assert "top 3 for user u3" in out and out.count("\n") > 5
+    code, out, err = run_cli("recommend", run_dir, "--items", "i1,i2", "-k", "2")
+    assert code == 0, err
+    assert "top 2" in out
+
+
+def test_config_show_prints_the_resolved_yaml(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  lr: 0.5\n")
+    code, out, _ = run_cli("config", "show", config, "data.max_history=7")
+    assert code == 0
+    assert "lr: 0.5" in out and "max_history: 7" in out
+
+
+def test_unknown_config_key_names_the_closest(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  learning_rate: 0.5\n")
+    code, _, err = run_cli("config", "show", config)
+    assert_one_line_error(code, err, "train.learning_rate", "c.yaml")
+    code, _, err = run_cli("config", "show", config.with_name("none.yaml"))
+    assert_one_line_error(code, err, "none.yaml", "not found")
+    config.write_text("model:\n  item:\n    mode: frozn\n")
+    code, _, err = run_cli("config", "show", config)
+    assert_one_line_error(code, err, "model.item.mode", "finetune")
+
+
+def test_recommend_unknown_user_and_item(run_dir):
+    code, _, err = run_cli("recommend", run_dir, "--user", "nobody")
+    assert_one_line_error(code, err, "unknown user id 'nobody'")
+    code, _, err = run_cli("recommend", run_dir, "--items", "i1,nothing")
+    assert_one_line_error(code, err, "unknown item id 'nothing'")
+
+
+def test_run_folder_without_or_with_a_damaged_checkpoint(run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    code, _, err = run_cli("evaluate", copy)
+    assert_one_line_error(code, err, "best.ckpt", "no checkpoint")
+    (copy / "checkpoints").mkdir()
+    (copy / "checkpoints" / "best.ckpt").write_bytes(b"not a checkpoint at all")
+    code, _, err = run_cli("evaluate", copy)
+    assert_one_line_error(code, err, "best.ckpt", "damaged")
+    code, _, err = run_cli("evaluate", tmp_path)
+    assert_one_line_error(code, err, "not a run folder")
+
+
+def test_bad_model_settings_exit_2(cycle_data, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    base = tiny_overrides(cycle_data, tmp_path)
+    code, _, err = run_cli("train", config, *base, "model.item.backbone=no-such-model")
+    assert_one_line_error(code, err, "no-such-model")
+    code, _, err = run_cli("train", config, *base, "name=b", "model.user.backbone=tiny-bert")
+    assert_one_line_error(code, err, "User LLM", "decoder")
+    code, _, err = run_cli("train", config, *base, "name=c", "train.negatives=catalogue")
+    assert_one_line_error(code, err, "train.negatives", "frozen")
