@@ -73,16 +73,23 @@ def _load_tokenizer(name_or_path: str):
 
 def _stats_table(stats: dict) -> Table:
     table = Table(title=f"{stats['dataset']} ({stats['format']})", show_header=False)
-    rows = [("users", stats["users"]), ("items", stats["items"]),
-            ("interactions", stats["interactions"]), ("density", f"{stats['density']:.5f}"),
-            ("dropped users", stats["dropped_users"]),
-            ("dropped interactions (no item text)", stats["dropped_interactions_missing_text"]),
-            ("duplicates removed", stats["duplicates_removed"]),
-            ("dropped by k-core / short users", stats["dropped_interactions_filter"]),
-            ("timestamps", "yes" if stats["has_time"] else "no (file order)"),
-            ("text fields", ", ".join(stats["text_fields"]) or "-")]
-    for key, label in (("seq_len", "sequence length"), ("text_words", "text words"),
-                       ("text_tokens", "text tokens")):
+    rows = [
+        ("users", stats["users"]),
+        ("items", stats["items"]),
+        ("interactions", stats["interactions"]),
+        ("density", f"{stats['density']:.5f}"),
+        ("dropped users", stats["dropped_users"]),
+        ("dropped interactions (no item text)", stats["dropped_interactions_missing_text"]),
+        ("duplicates removed", stats["duplicates_removed"]),
+        ("dropped by k-core / short users", stats["dropped_interactions_filter"]),
+        ("timestamps", "yes" if stats["has_time"] else "no (file order)"),
+        ("text fields", ", ".join(stats["text_fields"]) or "-"),
+    ]
+    for key, label in (
+        ("seq_len", "sequence length"),
+        ("text_words", "text words"),
+        ("text_tokens", "text tokens"),
+    ):
         if stats.get(key):
             rows.append((label, "  ".join(f"{k} {v:g}" for k, v in stats[key].items())))
     rows.append(("cache", stats["cache"]))
@@ -119,11 +126,20 @@ def evaluate_run(
         raise UserError(f"unknown split {split!r}; use valid, test or both", where="--split")
     run = load_run(run_dir)
     cfg = run.config
-    table = item_table(run.model, run.data.num_items, run.item_tokens,
-                       batch_size=cfg.eval.item_batch_size)
-    result = {name: evaluate(run.model, run.data, name, item_tokens=run.item_tokens,
-                             ks=cfg.eval.ks, batch_size=cfg.eval.batch_size,
-                             max_history=cfg.data.max_history, table=table) for name in splits}
+    table = item_table(run.model, run.data.num_items, run.item_tokens, batch_size=cfg.eval.item_batch_size)
+    result = {
+        name: evaluate(
+            run.model,
+            run.data,
+            name,
+            item_tokens=run.item_tokens,
+            ks=cfg.eval.ks,
+            batch_size=cfg.eval.batch_size,
+            max_history=cfg.data.max_history,
+            table=table,
+        )
+        for name in splits
+    }
     if as_json:
         typer.echo(json.dumps(result))
     else:
@@ -145,8 +161,13 @@ def recommend(
 
     if (user is None) == (items is None):
         raise UserError("give exactly one of --user ID or --items ID,ID,...", where="recommend")
-    show_recommendations(load_run(run_dir), user=user,
-                         items=items.split(",") if items else None, k=k, console=Console())
+    show_recommendations(
+        load_run(run_dir),
+        user=user,
+        items=items.split(",") if items else None,
+        k=k,
+        console=Console(),
+    )
 
 
 @app.command("demo")
@@ -158,13 +179,14 @@ def demo(overrides: Overrides = None) -> None:
 
 
 def _metrics_table(result: dict[str, dict]) -> Table:
-    names = [k for k in next(iter(result.values())) if k != "users"]
+    """One row per metric, one column per split (narrow enough for any terminal)."""
     table = Table(title="full-ranking metrics (history masked)")
-    table.add_column("split")
-    for name in names:
-        table.add_column(name, justify="right")
-    for split, metrics in result.items():
-        table.add_row(split, *(f"{metrics[name]:.4f}" for name in names))
+    table.add_column("metric")
+    for split in result:
+        table.add_column(split, justify="right")
+    for name in next(iter(result.values())):
+        values = [result[split][name] for split in result]
+        table.add_row(name, *(f"{v:.4f}" if isinstance(v, float) else str(v) for v in values))
     return table
 
 

@@ -87,6 +87,9 @@ class ModelConfig:
     """Which model to train."""
     item: ItemConfig = field(default_factory=ItemConfig)
     user: UserConfig = field(default_factory=UserConfig)
+    adaptor: Literal["auto", "none", "linear", "mlp"] = "auto"
+    """Item LLM -> User LLM map; auto: a residual MLP when the item side is frozen, else a linear
+    map when the widths differ, else none."""
     temperature: float = 0.07
     """Initial InfoNCE temperature (learnable; its inverse is clamped to [1, 100])."""
     nce_threshold: float = 0.99
@@ -174,10 +177,12 @@ class RunConfig:
             raise UserError(
                 f"unknown metric {self.eval.metric!r}; use recall@k, ndcg@k or mrr", "eval.metric"
             )
-        for key, value in (("train.batch_size", self.train.batch_size),
-                           ("train.accumulate", self.train.accumulate),
-                           ("data.max_history", self.data.max_history),
-                           ("data.max_text_tokens", self.data.max_text_tokens)):
+        for key, value in (
+            ("train.batch_size", self.train.batch_size),
+            ("train.accumulate", self.train.accumulate),
+            ("data.max_history", self.data.max_history),
+            ("data.max_text_tokens", self.data.max_text_tokens),
+        ):
             if value < 1:
                 raise UserError(f"must be at least 1, got {value}", where=key)
 

@@ -24,37 +24,58 @@ SHOWN_METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50", "mrr")
 
 def comparison_table(hllm: dict, popularity: dict) -> Table:
     table = Table(title="ml-100k test split, full ranking, history masked")
-    table.add_column("model")
+    for column in ("metric", "HLLM", "popularity"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
     for name in SHOWN_METRICS:
-        table.add_column(name, justify="right")
-    for label, metrics in (("HLLM", hllm), ("popularity", popularity)):
-        table.add_row(label, *(f"{metrics[name]:.4f}" for name in SHOWN_METRICS))
+        table.add_row(name, f"{hllm[name]:.4f}", f"{popularity[name]:.4f}")
     ratio = hllm["recall@10"] / max(popularity["recall@10"], 1e-12)
     table.caption = f"HLLM / popularity recall@10 = {ratio:.2f}x"
     return table
 
 
-def run_demo(config_path: Path = DEMO_CONFIG, overrides: list[str] | None = None,
-             console: Console | None = None) -> dict:
+def run_demo(
+    config_path: Path = DEMO_CONFIG,
+    overrides: list[str] | None = None,
+    console: Console | None = None,
+) -> dict:
     console = console or Console()
     config = load_config(config_path, overrides)
+    bundled = Path(config_path).resolve().parent.parent / config.data.path
+    if not Path(config.data.path).exists() and bundled.exists():  # run from outside the checkout
+        config.data.path = str(bundled)
     data = prepare_dataset(config.data)
-    console.print(f"[bold]dataset[/] {data.name}: {data.num_users} users, {data.num_items - 1} items, "
-                  f"{len(data.items)} interactions")
+    console.print(
+        f"[bold]dataset[/] {data.name}: {data.num_users} users, {data.num_items - 1} items, "
+        f"{len(data.items)} interactions"
+    )
     result = fit(config, resume=True)
     popularity = Popularity(training_items(data), data.num_items)
-    result["popularity"] = evaluate(popularity, data, "test", item_tokens=None, ks=config.eval.ks,
-                                    max_history=config.data.max_history)
+    result["popularity"] = evaluate(
+        popularity,
+        data,
+        "test",
+        item_tokens=None,
+        ks=config.eval.ks,
+        max_history=config.data.max_history,
+    )
     write_json(run_folder(config) / "metrics.json", result)
     console.print(comparison_table(result["test"], result["popularity"]))
     show_recommendations(load_run(run_folder(config)), user="1", console=console)
-    console.print(f"train time {result['train']['seconds']:.0f} s; "
-                  f"run folder {run_folder(config)} (try: hllm recommend {run_folder(config)} --user 1)")
+    console.print(
+        f"train time {result['train']['seconds']:.0f} s; "
+        f"run folder {run_folder(config)} (try: hllm recommend {run_folder(config)} --user 1)"
+    )
     return result
 
 
-def show_recommendations(run: Run, *, user: str | None = None, items: list[str] | None = None,
-                         k: int = 10, console: Console) -> None:
+def show_recommendations(
+    run: Run,
+    *,
+    user: str | None = None,
+    items: list[str] | None = None,
+    k: int = 10,
+    console: Console,
+) -> None:
     """Print the top-k items for a dataset user (their whole sequence) or a given history."""
     if user is not None:
         history = run.data.sequence(run.data.user_index(user)).tolist()
@@ -62,14 +83,19 @@ def show_recommendations(run: Run, *, user: str | None = None, items: list[str] 
     else:
         history = [run.data.item_index(raw.strip()) for raw in items or []]
         who = "the given history"
-    table = item_table(run.model, run.data.num_items, run.item_tokens,
-                       batch_size=run.config.eval.item_batch_size)
-    ids, scores = recommend_items(run.model, table, history, k=k,
-                                  max_history=run.config.data.max_history)
+    table = item_table(
+        run.model, run.data.num_items, run.item_tokens, batch_size=run.config.eval.item_batch_size
+    )
+    ids, scores = recommend_items(run.model, table, history, k=k, max_history=run.config.data.max_history)
     recent = "; ".join(run.data.item_titles[i] for i in history[-5:])
     console.print(f"{who}: {len(history)} items, the most recent: {recent}")
     out = Table(title=f"top {k} for {who}")
-    for column, justify in (("#", "right"), ("item", "left"), ("title", "left"), ("score", "right")):
+    for column, justify in (
+        ("#", "right"),
+        ("item", "left"),
+        ("title", "left"),
+        ("score", "right"),
+    ):
         out.add_column(column, justify=justify)
     for rank, (item, score) in enumerate(zip(ids, scores), 1):
         out.add_row(str(rank), str(run.data.item_ids[item]), run.data.item_titles[item], f"{score:.3f}")

@@ -65,7 +65,7 @@ def rank_users(
     for batch in eval_batches(data, split, batch_size=batch_size, max_history=max_history):
         batch = batch.to(table.device)
         users = model.encode_users(batch.history, table)  # (B, D)
-        scores = (users.float() @ table.float().T)  # (B, N)
+        scores = users.float() @ table.float().T  # (B, N)
         mask_history(scores, batch.seen, batch.targets)
         try:
             ranks.append(target_ranks(scores, batch.targets))
@@ -97,10 +97,8 @@ def evaluate(
         model.eval()
     try:
         if table is None:
-            table = item_table(model, data.num_items, item_tokens, batch_size=item_batch_size,
-                               device=device)
-        ranks = rank_users(model, data, table, split, batch_size=batch_size,
-                           max_history=max_history)
+            table = item_table(model, data.num_items, item_tokens, batch_size=item_batch_size, device=device)
+        ranks = rank_users(model, data, table, split, batch_size=batch_size, max_history=max_history)
     finally:
         if was_training:
             model.train()
@@ -133,8 +131,9 @@ def recommend_items(
     exclude_history: bool = True,
 ) -> tuple[list[int], list[float]]:
     """Top-k item ids and scores for one history (internal ids, oldest first)."""
-    recent = torch.tensor([[0] * max(0, max_history - len(history)) + history[-max_history:]],
-                          device=table.device)
+    recent = torch.tensor(
+        [[0] * max(0, max_history - len(history)) + history[-max_history:]], device=table.device
+    )
     scores = (model.encode_users(recent, table).float() @ table.float().T)[0]  # (N,)
     scores[0] = -torch.inf
     if exclude_history and history:

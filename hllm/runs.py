@@ -57,8 +57,9 @@ def _build_hllm(config: RunConfig, data: SequenceData) -> tuple[HLLM, ItemTokens
     item_backbone = load_backbone(item_cfg.backbone, pretrained=item_cfg.pretrained)
     user_backbone = load_backbone(user_cfg.backbone, pretrained=user_cfg.pretrained)
     if item_backbone.tokenizer is None:
-        raise UserError(f"{item_cfg.backbone!r} has no tokenizer to read item text",
-                        where="model.item.backbone")
+        raise UserError(
+            f"{item_cfg.backbone!r} has no tokenizer to read item text", where="model.item.backbone"
+        )
     item_encoder = ItemEncoder(item_backbone, pooling=item_cfg.pooling)
     frozen = item_cfg.mode == "frozen"
     if frozen:
@@ -77,14 +78,24 @@ def _build_hllm(config: RunConfig, data: SequenceData) -> tuple[HLLM, ItemTokens
         frozen_items=frozen,
         catalogue_negatives=config.train.negatives == "catalogue",
         exclude_own_items=config.train.exclude_own_items,
+        adaptor=_adaptor(config.model.adaptor, frozen, item_backbone.hidden_size, user_backbone.hidden_size),
     )
     tokens = tokenize_items(list(data.item_text), item_backbone.tokenizer, config.data.max_text_tokens)
     return model, tokens
 
 
+def _adaptor(kind: str, frozen: bool, item_width: int, user_width: int) -> str:
+    if kind != "auto":
+        return kind
+    if frozen:
+        return "mlp"
+    return "none" if item_width == user_width else "linear"
+
+
 @torch.no_grad()
-def cache_frozen_items(model: nn.Module, tokens: ItemTokens, *, batch_size: int,
-                       device: torch.device | str) -> None:
+def cache_frozen_items(
+    model: nn.Module, tokens: ItemTokens, *, batch_size: int, device: torch.device | str
+) -> None:
     """Frozen item side: run the Item LLM once over the catalogue and keep its outputs."""
     if not getattr(model, "frozen_items", False):
         return
@@ -111,8 +122,9 @@ def read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for a damaged file
-        raise UserError(f"checkpoint is damaged or not a checkpoint ({type(err).__name__})",
-                        where=str(path)) from None
+        raise UserError(
+            f"checkpoint is damaged or not a checkpoint ({type(err).__name__})", where=str(path)
+        ) from None
 
 
 def load_run(folder: str | Path, *, checkpoint: str = "best") -> Run:
@@ -126,8 +138,10 @@ def load_run(folder: str | Path, *, checkpoint: str = "best") -> Run:
     if config.model.kind != "popularity":
         state = read_checkpoint(folder / "checkpoints" / f"{checkpoint}.ckpt")
         if "model" not in state:
-            raise UserError("checkpoint has no model weights",
-                            where=str(folder / "checkpoints" / f"{checkpoint}.ckpt"))
+            raise UserError(
+                "checkpoint has no model weights",
+                where=str(folder / "checkpoints" / f"{checkpoint}.ckpt"),
+            )
         model.load_state_dict(state["model"])
         cache_frozen_items(model, tokens, batch_size=config.eval.item_batch_size, device="cpu")
     model.eval()

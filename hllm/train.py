@@ -26,6 +26,7 @@ from hllm.runs import build_model, cache_frozen_items, config_hash, run_folder
 
 NO_DECAY = ("bias", "norm", "embed", "item_token", "logit_scale")
 COLLAPSE_COSINE = 0.95
+LOSS_WINDOW = 20  # steps averaged by the stalled-loss guard
 
 
 @dataclass
@@ -48,8 +49,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             skip = param.ndim < 2 or any(key in name.lower() for key in NO_DECAY)
             (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup: float) -> LambdaLR:
@@ -79,9 +82,13 @@ def make_fabric(config: RunConfig, folder: Path) -> L.Fabric:
         from lightning.fabric.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(folder, name="tensorboard", version=""))
-    fabric = L.Fabric(accelerator=config.train.accelerator, devices=config.train.devices,
-                      strategy=config.train.strategy, precision=config.train.precision,
-                      loggers=loggers)
+    fabric = L.Fabric(
+        accelerator=config.train.accelerator,
+        devices=config.train.devices,
+        strategy=config.train.strategy,
+        precision=config.train.precision,
+        loggers=loggers,
+    )
     fabric.launch()
     return fabric
 
@@ -91,8 +98,9 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
     folder = run_folder(config)
     last, best = folder / "checkpoints" / "last.ckpt", folder / "checkpoints" / "best.ckpt"
     if not resume and last.exists():
-        raise UserError("run folder already has checkpoints; pass --resume or another name=",
-                        where=str(folder))
+        raise UserError(
+            "run folder already has checkpoints; pass --resume or another name=", where=str(folder)
+        )
     fabric = make_fabric(config, folder)
     fabric.seed_everything(config.train.seed)
     data = prepare_dataset(config.data)
@@ -104,18 +112,23 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
         model.gather_ids = lambda x: fabric.all_gather(x).reshape(-1)
     optimizer = torch.optim.AdamW(param_groups(model, config.train.weight_decay), lr=config.train.lr)
     batches = TrainBatches(
-        data, max_history=config.data.max_history, batch_size=config.train.batch_size,
+        data,
+        max_history=config.data.max_history,
+        batch_size=config.train.batch_size,
         num_negatives=0 if config.train.negatives == "catalogue" else config.train.num_negatives,
-        seed=config.train.seed, item_tokens=tokens if model.needs_text else None,
-        slots=model.item_slots, rank=fabric.global_rank, world_size=fabric.world_size)
+        seed=config.train.seed,
+        item_tokens=tokens if model.needs_text else None,
+        slots=model.item_slots,
+        rank=fabric.global_rank,
+        world_size=fabric.world_size,
+    )
     steps_per_epoch = math.ceil(len(batches) / config.train.accumulate)
     total = steps_per_epoch * config.train.epochs
     if config.train.max_steps > 0:
         total = min(total, config.train.max_steps)
     scheduler = cosine_with_warmup(optimizer, total, config.train.warmup)
     model, optimizer = fabric.setup(model, optimizer)
-    cache_frozen_items(model.module, tokens, batch_size=config.eval.item_batch_size,
-                       device=fabric.device)
+    cache_frozen_items(model.module, tokens, batch_size=config.eval.item_batch_size, device=fabric.device)
     state = TrainState()
     checkpoint = {"model": model, "optimizer": optimizer}
     if resume and last.exists():
@@ -126,20 +139,45 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
         fabric.print(f"resumed from {last} at epoch {state.epoch}, step {state.step}")
 
     def snapshot(path: Path) -> None:
-        save_checkpoint(fabric, path, {**checkpoint, "scheduler": scheduler.state_dict(),
-                                       "train_state": asdict(state), "rng": torch.get_rng_state(),
-                                       "config": config_to_dict(config)})
+        save_checkpoint(
+            fabric,
+            path,
+            {
+                **checkpoint,
+                "scheduler": scheduler.state_dict(),
+                "train_state": asdict(state),
+                "rng": torch.get_rng_state(),
+                "config": config_to_dict(config),
+            },
+        )
 
     def validate() -> dict:
-        return evaluate(model.module, data, "valid", item_tokens=tokens, ks=config.eval.ks,
-                        batch_size=config.eval.batch_size,
-                        item_batch_size=config.eval.item_batch_size,
-                        max_history=config.data.max_history, device=fabric.device)
+        return evaluate(
+            model.module,
+            data,
+            "valid",
+            item_tokens=tokens,
+            ks=config.eval.ks,
+            batch_size=config.eval.batch_size,
+            item_batch_size=config.eval.item_batch_size,
+            max_history=config.data.max_history,
+            device=fabric.device,
+        )
 
-    started = time.perf_counter()
+    started, guard = time.perf_counter(), GuardRails(fabric)
     while state.epoch < config.train.epochs and not _done(config, state):
         batches.set_epoch(state.epoch)
-        train_epoch(fabric, model, optimizer, scheduler, batches, config, state, snapshot)
+        train_epoch(
+            fabric,
+            model,
+            optimizer,
+            scheduler,
+            batches,
+            config=config,
+            state=state,
+            snapshot=snapshot,
+            guard=guard,
+        )
         if state.batch < len(batches):  # stopped by max_steps inside the epoch
             snapshot(last)
             break
@@ -150,8 +188,7 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
         if improved:
             snapshot(best)
         if state.bad_epochs >= config.train.patience:
-            fabric.print(f"early stopping: no gain in {config.eval.metric} for "
-                         f"{state.bad_epochs} epochs")
+            fabric.print(f"early stopping: no gain in {config.eval.metric} for {state.bad_epochs} epochs")
             break
     if not best.exists():  # no full epoch yet: the current weights are the best we have
         snapshot(best)
@@ -162,12 +199,16 @@ def _done(config: RunConfig, state: TrainState) -> bool:
     return 0 < config.train.max_steps <= state.step
 
 
-def train_epoch(fabric, model, optimizer, scheduler, batches, config, state, snapshot) -> None:
+def train_epoch(fabric, model, optimizer, scheduler, batches, *, config, state, snapshot, guard) -> None:
     """Run the rest of the current epoch (from `state.batch`), one optimizer step per `accumulate`."""
     accumulate = config.train.accumulate
-    bar = tqdm(range(state.batch, len(batches)), desc=f"epoch {state.epoch + 1}",
-               disable=fabric.global_rank != 0, dynamic_ncols=True, leave=False)
-    guard = GuardRails(fabric)
+    bar = tqdm(
+        range(state.batch, len(batches)),
+        desc=f"epoch {state.epoch + 1}",
+        disable=fabric.global_rank != 0,
+        dynamic_ncols=True,
+        leave=False,
+    )
     window_start, window_items = time.perf_counter(), 0
     model.train()
     for index in bar:
@@ -176,31 +217,34 @@ def train_epoch(fabric, model, optimizer, scheduler, batches, config, state, sna
         with fabric.no_backward_sync(model, enabled=not stepping):
             loss = model.training_loss(batch)
             if not torch.isfinite(loss):
-                raise UserError(f"loss is {loss.item()} at step {state.step}; lower train.lr or "
-                                "use precision 32-true", where=f"epoch {state.epoch + 1}")
+                raise UserError(
+                    f"loss is {loss.item()} at step {state.step}; lower train.lr or use precision 32-true",
+                    where=f"epoch {state.epoch + 1}",
+                )
             fabric.backward(loss / accumulate)
         window_items += int(batch.mask.sum())
         state.batch = index + 1
         if not stepping:
             continue
         if config.train.grad_clip > 0:
-            fabric.clip_gradients(model, optimizer, max_norm=config.train.grad_clip,
-                                  error_if_nonfinite=False)
+            fabric.clip_gradients(model, optimizer, max_norm=config.train.grad_clip, error_if_nonfinite=False)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        stats = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                 **model.module.last_stats}
+        stats = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], **model.module.last_stats}
         guard.check(stats)
         if state.step % config.train.log_every == 0:
             seconds = time.perf_counter() - window_start
             stats["items_per_s"] = window_items / max(seconds, 1e-9)
             fabric.log_dict({f"train/{k}": v for k, v in stats.items()}, step=state.step)
             window_start, window_items = time.perf_counter(), 0
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.1e}",
-                            items_s=f"{stats['items_per_s']:.0f}",
-                            acc=f"{stats.get('accuracy', 0):.2f}")
+            bar.set_postfix(
+                loss=f"{stats['loss']:.3f}",
+                lr=f"{stats['lr']:.1e}",
+                items_s=f"{stats['items_per_s']:.0f}",
+                acc=f"{stats.get('accuracy', 0):.2f}",
+            )
         if config.train.checkpoint_every and state.step % config.train.checkpoint_every == 0:
             snapshot(run_folder(config) / "checkpoints" / "last.ckpt")
         if _done(config, state):
@@ -222,17 +266,22 @@ class GuardRails:
         cosine = stats.get("item_cosine", 0.0)
         if cosine > COLLAPSE_COSINE and not self.warned_collapse:
             self.warned_collapse = True
-            self.fabric.print(f"WARNING: item embeddings are collapsing (mean pairwise cosine "
-                              f"{cosine:.3f} > {COLLAPSE_COSINE}); lower train.lr or check the text")
+            self.fabric.print(
+                f"WARNING: item embeddings are collapsing (mean pairwise cosine "
+                f"{cosine:.3f} > {COLLAPSE_COSINE}); lower train.lr or check the text"
+            )
 
     def end_epoch(self) -> None:
-        half = len(self.losses) // 2
-        if half >= 20:
-            first, second = sum(self.losses[:half]) / half, sum(self.losses[half:]) / (
-                len(self.losses) - half)
-            if abs(first - second) < 1e-3 * abs(first):
-                self.fabric.print(f"WARNING: the loss stopped moving this epoch ({first:.4f} -> "
-                                  f"{second:.4f}); check train.lr and the data")
+        """Warn when the loss of the last steps is no lower than at the start of the run: a
+        silent failure to learn (e.g. the loss stuck at log(1 + negatives))."""
+        if len(self.losses) >= 2 * LOSS_WINDOW:
+            start = sum(self.losses[:LOSS_WINDOW]) / LOSS_WINDOW
+            now = sum(self.losses[-LOSS_WINDOW:]) / LOSS_WINDOW
+            if now > 0.99 * start:
+                self.fabric.print(
+                    f"WARNING: the loss has not moved since the start ({start:.4f} "
+                    f"-> {now:.4f}); check train.lr, the data and the item text"
+                )
 
 
 def record_validation(fabric: L.Fabric, config: RunConfig, state: TrainState, metrics: dict) -> bool:
@@ -245,22 +294,33 @@ def record_validation(fabric: L.Fabric, config: RunConfig, state: TrainState, me
         state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
     else:
         state.bad_epochs += 1
-    fabric.print(f"epoch {state.epoch}: valid {config.eval.metric} = {value:.4f}"
-                 f"{' (best)' if improved else ''}  recall@10 = {metrics.get('recall@10', 0):.4f}")
+    fabric.print(
+        f"epoch {state.epoch}: valid {config.eval.metric} = {value:.4f}"
+        f"{' (best)' if improved else ''}  recall@10 = {metrics.get('recall@10', 0):.4f}"
+    )
     return improved
 
 
 def finish(fabric, config, folder, model, data, tokens, state, seconds) -> dict:
     """Reload the best checkpoint, score valid and test once, write metrics.json."""
     fabric.load(folder / "checkpoints" / "best.ckpt", {"model": model}, strict=False)
-    common = dict(item_tokens=tokens, ks=config.eval.ks, batch_size=config.eval.batch_size,
-                  item_batch_size=config.eval.item_batch_size,
-                  max_history=config.data.max_history, device=fabric.device)
+    common = dict(
+        item_tokens=tokens,
+        ks=config.eval.ks,
+        batch_size=config.eval.batch_size,
+        item_batch_size=config.eval.item_batch_size,
+        max_history=config.data.max_history,
+        device=fabric.device,
+    )
     result = {split: evaluate(model.module, data, split, **common) for split in ("valid", "test")}
-    result["protocol"] = protocol_card(data, "test", model=config.model.kind,
-                                       config_hash=config_hash(config))
-    result["train"] = {"seconds": round(seconds, 1), "steps": state.step, "epochs": state.epoch,
-                       "best_epoch": state.best_epoch, "valid_history": state.valid_history}
+    result["protocol"] = protocol_card(data, "test", model=config.model.kind, config_hash=config_hash(config))
+    result["train"] = {
+        "seconds": round(seconds, 1),
+        "steps": state.step,
+        "epochs": state.epoch,
+        "best_epoch": state.best_epoch,
+        "valid_history": state.valid_history,
+    }
     if fabric.global_rank == 0:
         write_json(folder / "metrics.json", result)
     fabric.logger.finalize("success")

@@ -24,9 +24,7 @@ def shared_data() -> Path:
     """`../shared/data` beside the repository; its absence is a failure, never a skip."""
     path = Path(__file__).parents[1].parent / "shared" / "data"
     if not (path / "ml-100k" / "ml-100k.inter").is_file():
-        pytest.fail(
-            f"shared datasets missing: expected {path}/ml-100k, amazon-scientific, amazon-office"
-        )
+        pytest.fail(f"shared datasets missing: expected {path}/ml-100k, amazon-scientific, amazon-office")
     return path
 
 
@@ -57,9 +55,7 @@ def cycle_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for user in range(CYCLE_USERS)
         for step in range(6)
     ]
-    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(
-        folder / "cycle.csv", index=False
-    )
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(folder / "cycle.csv", index=False)
     names = [
         "red lamp",
         "blue pen",

@@ -33,9 +33,7 @@ def test_prepare_json_reports_exact_counts(shared_data, tmp_path, name):
 
 
 def test_prepare_prints_a_table(fixtures, tmp_path):
-    result = CliRunner().invoke(
-        app, ["prepare", str(fixtures / "tiny.csv"), f"data.cache_dir={tmp_path}"]
-    )
+    result = CliRunner().invoke(app, ["prepare", str(fixtures / "tiny.csv"), f"data.cache_dir={tmp_path}"])
     assert result.exit_code == 0, result.output
     assert "dropped users" in result.stdout and "sequence length" in result.stdout
     assert "tiny (csv)" in result.stdout
@@ -78,9 +76,7 @@ def run_module(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_real_entry_point_success(shared_data, tmp_path):
-    done = run_module(
-        "prepare", str(shared_data / "ml-100k"), "--json", f"data.cache_dir={tmp_path}"
-    )
+    done = run_module("prepare", str(shared_data / "ml-100k"), "--json", f"data.cache_dir={tmp_path}")
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.strip().splitlines()) == 1
     stats = json.loads(done.stdout)
@@ -175,9 +171,7 @@ def test_tokenizer_option_reports_token_lengths(fixtures, tmp_path):
 
     words = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(
-        tmp_path / "tok"
-    )
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
     args = [
         "prepare",
         str(fixtures / "tiny.csv"),

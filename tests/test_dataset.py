@@ -32,9 +32,7 @@ def write_csv(folder: Path, text: str, name: str = "inter.csv") -> Path:
 
 
 def raw_sequences(data: SequenceData) -> dict[str, list[str]]:
-    return {
-        data.user_ids[u]: data.item_ids[data.sequence(u)].tolist() for u in range(data.num_users)
-    }
+    return {data.user_ids[u]: data.item_ids[data.sequence(u)].tolist() for u in range(data.num_users)}
 
 
 def test_stable_sort_keeps_file_order_for_equal_times(prepare, fixtures):

@@ -34,9 +34,7 @@ def assert_tiny(interactions: pd.DataFrame) -> None:
 
 
 def test_csv_with_item_table(fixtures):
-    interactions, items, fmt = read(
-        fixtures / "tiny.csv", item_path=str(fixtures / "tiny_items.csv")
-    )
+    interactions, items, fmt = read(fixtures / "tiny.csv", item_path=str(fixtures / "tiny_items.csv"))
     assert fmt == "csv"
     assert_tiny(interactions)
     assert list(items.columns) == ["item", "title", "description"]

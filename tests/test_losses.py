@@ -115,9 +115,7 @@ def test_catalogue_softmax_matches_manual_cross_entropy_without_pad():
 
 def test_catalogue_softmax_rejects_pad_target():
     with pytest.raises(ValueError, match="padding"):
-        catalogue_softmax(
-            torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 3]), torch.tensor(1.0)
-        )
+        catalogue_softmax(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 3]), torch.tensor(1.0))
 
 
 def test_logit_scale_init_and_clamp():

@@ -14,12 +14,7 @@ def test_per_user_values_are_float64():
     assert recall_at_k(RANKS, 10).tolist() == [1.0, 1.0, 0.0, 0.0]
     assert ndcg_at_k(RANKS, 50).tolist() == pytest.approx([1.0, 0.5, 1 / math.log2(13), 0.0])
     assert mrr(RANKS).tolist() == pytest.approx([1.0, 1 / 3, 1 / 12, 1 / 300])
-    assert (
-        recall_at_k(RANKS, 5).dtype
-        == ndcg_at_k(RANKS, 5).dtype
-        == mrr(RANKS).dtype
-        == torch.float64
-    )
+    assert recall_at_k(RANKS, 5).dtype == ndcg_at_k(RANKS, 5).dtype == mrr(RANKS).dtype == torch.float64
 
 
 def test_summarize_four_users():

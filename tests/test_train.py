@@ -10,19 +10,14 @@ import torch
 
 from hllm import train as train_module
 from hllm.config import load_config
-from hllm.data.dataset import prepare_dataset
 from hllm.evaluate import evaluate
-from hllm.models.popularity import Popularity
-from hllm.data.batches import training_items
 from hllm.runs import load_run
 from hllm.train import fit
 from tests.conftest import tiny_overrides
 
 
 def test_overfits_a_deterministic_pattern_to_recall_at_1(cycle_data, tmp_path):
-    config = load_config(
-        None, tiny_overrides(cycle_data, tmp_path, train__epochs=40, train__patience=40)
-    )
+    config = load_config(None, tiny_overrides(cycle_data, tmp_path, train__epochs=40, train__patience=40))
     result = fit(config)
     assert result["test"]["recall@1"] == 1.0
     assert result["valid"]["recall@1"] == 1.0
@@ -32,14 +27,10 @@ def test_overfits_a_deterministic_pattern_to_recall_at_1(cycle_data, tmp_path):
 
 
 def test_two_epochs_equal_one_epoch_then_resume(cycle_data, tmp_path, monkeypatch):
-    straight = load_config(
-        None, tiny_overrides(cycle_data, tmp_path, name="straight", train__epochs=2)
-    )
+    straight = load_config(None, tiny_overrides(cycle_data, tmp_path, name="straight", train__epochs=2))
     fit(straight)
 
-    interrupted = load_config(
-        None, tiny_overrides(cycle_data, tmp_path, name="resumed", train__epochs=2)
-    )
+    interrupted = load_config(None, tiny_overrides(cycle_data, tmp_path, name="resumed", train__epochs=2))
     real_save = train_module.save_checkpoint
 
     def save_then_die(fabric, path, state):
@@ -76,19 +67,22 @@ def test_checkpoint_round_trip_gives_the_same_metrics(cycle_data, tmp_path):
     assert again == result["test"]
 
 
-def test_learns_ml100k_beyond_popularity(ml100k_small, tmp_path):
-    """30 steps on ~50 real users lower the loss and beat popularity on Recall@10 (validation)."""
-    data_path = ml100k_small.stats["path"]
+def test_learns_ml100k_far_beyond_chance(ml100k_small, tmp_path):
+    """30 steps on ~50 real users lower the loss and rank the next item far above chance.
+
+    Beating popularity needs pretrained item features (the slow demo test checks that).
+    """
     config = load_config(
         None,
         [
-            f"data.path={data_path}",
+            f"data.path={ml100k_small.stats['path']}",
             f"data.cache_dir={tmp_path / 'cache'}",
             "data.prompt=''",
             "data.max_history=20",
             "model.item.backbone=tiny-bert",
             "model.user.backbone=tiny-llama",
-            "train.num_negatives=256",
+            "model.item.mode=frozen",
+            "train.negatives=catalogue",
             "train.max_steps=30",
             "train.epochs=30",
             "train.batch_size=16",
@@ -105,13 +99,39 @@ def test_learns_ml100k_beyond_popularity(ml100k_small, tmp_path):
         losses = [float(row["train/loss"]) for row in csv.DictReader(f) if row["train/loss"]]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
-    data = prepare_dataset(config.data)
-    popularity = evaluate(
-        Popularity(training_items(data), data.num_items),
-        data,
-        "valid",
-        item_tokens=None,
-        ks=[10],
-        max_history=20,
-    )
-    assert result["valid"]["recall@10"] > popularity["recall@10"]
+    chance = 10 / (ml100k_small.num_items - 1)
+    assert result["valid"]["recall@10"] > 5 * chance
+
+
+@pytest.mark.slow
+def test_demo_config_beats_popularity_by_half(tmp_path):
+    """The demo's HLLM (pretrained MiniLM) reaches 1.5x popularity's test Recall@10."""
+    from hllm.demo import DEMO_CONFIG, run_demo
+
+    result = run_demo(DEMO_CONFIG, [f"out_dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}"])
+    assert result["test"]["recall@10"] >= 1.5 * result["popularity"]["recall@10"]
+    saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert saved["popularity"] == result["popularity"]
+
+
+def test_guard_rails_warn_on_collapse_and_a_stuck_loss():
+    printed = []
+
+    class FakeFabric:
+        def print(self, message):
+            printed.append(message)
+
+    guard = train_module.GuardRails(FakeFabric())
+    for _ in range(2 * train_module.LOSS_WINDOW):
+        guard.check({"loss": 6.2, "item_cosine": 0.2})
+    guard.end_epoch()
+    assert len(printed) == 1 and "has not moved" in printed[0]
+    guard.check({"loss": 1.0, "item_cosine": 0.99})
+    assert "collapsing" in printed[-1]
+
+    printed.clear()
+    learning = train_module.GuardRails(FakeFabric())
+    for step in range(2 * train_module.LOSS_WINDOW):
+        learning.check({"loss": 6.0 - 0.1 * step, "item_cosine": 0.3})
+    learning.end_epoch()
+    assert printed == []

@@ -161,9 +161,7 @@ def target_positions(data: SequenceData, split: Literal["valid", "test"]) -> np.
     return data.offsets[1:] - (2 if split == "valid" else 1)
 
 
-def eval_batches(
-    data: SequenceData, split: Literal["valid", "test"], *, batch_size: int, max_history: int
-):
+def eval_batches(data: SequenceData, split: Literal["valid", "test"], *, batch_size: int, max_history: int):
     """Yield EvalBatch chunks over all users: history = everything before the split's target."""
     target_pos = target_positions(data, split)
     for first in range(0, data.num_users, batch_size):

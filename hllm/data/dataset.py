@@ -31,8 +31,7 @@ TITLE_FIELDS = ("title", "movie_title", "name")
 Split = Literal["train", "valid", "test"]
 TARGET_FROM_END = {"train": 3, "valid": 2, "test": 1}  # train's target: its last training item
 CACHE_SETTINGS = (  # the DataConfig fields that shape the processed data (max_history does not)
-    "user_column item_column time_column text_fields prompt field_separator duplicates kcore "
-    "missing_text"
+    "user_column item_column time_column text_fields prompt field_separator duplicates kcore missing_text"
 ).split()
 ITEM_ARRAYS = ("item_ids", "item_text", "item_titles")
 

@@ -234,15 +234,11 @@ def _times(values: pd.Series, path: Path, column: str) -> pd.Series:
     return pd.Series(floats.astype("int64") if (floats == np.floor(floats)).all() else floats)
 
 
-def _interactions(
-    table: pd.DataFrame, path: Path, user: str, item: str, time: str | None
-) -> pd.DataFrame:
+def _interactions(table: pd.DataFrame, path: Path, user: str, item: str, time: str | None) -> pd.DataFrame:
     """Pick the role columns out of `table` and check them."""
     _require(table, user, path, "data.user_column")
     _require(table, item, path, "data.item_column")
-    out = pd.DataFrame(
-        {"user": _ids(table[user], path, user), "item": _ids(table[item], path, item)}
-    )
+    out = pd.DataFrame({"user": _ids(table[user], path, user), "item": _ids(table[item], path, item)})
     if time is not None and (time in table.columns or time != DEFAULT_TIME_COLUMN):
         _require(table, time, path, "data.time_column")
         out["time"] = _times(table[time], path, time)
@@ -329,9 +325,7 @@ def read_lcrec_inter(path: Path) -> pd.DataFrame:
     if (odd := next((v for v in items if not isinstance(v, (str, int))), None)) is not None:
         raise UserError(f"item ids must be strings or integers, found {odd!r}", where=str(path))
     users = np.repeat(np.array(list(loaded), dtype=object), [len(v) for v in loaded.values()])
-    return pd.DataFrame(
-        {"user": pd.array(users, dtype="str"), "item": pd.array(items, dtype="str")}
-    )
+    return pd.DataFrame({"user": pd.array(users, dtype="str"), "item": pd.array(items, dtype="str")})
 
 
 def read_lcrec_items(path: Path) -> pd.DataFrame:

@@ -52,7 +52,8 @@ def tokenize_items(texts: Sequence[str], tokenizer, max_tokens: int, batch_size:
     An empty text still gets one token so every item has a position to read an embedding from.
     """
     fallback = next(
-        t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, 0)
+        t
+        for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, 0)
         if t is not None
     )
     chunks: list[list[int]] = []
@@ -116,6 +117,4 @@ def pack_items(tokens: ItemTokens, item_ids: np.ndarray | Tensor, slots: int = 0
     is_text = positions < text_lengths[item_of_token]
     input_ids = np.full(total, PAD_ID, dtype=np.int64)
     input_ids[is_text] = tokens.ids[starts[item_of_token[is_text]] + positions[is_text]]
-    return PackedItems(
-        torch.from_numpy(input_ids), torch.from_numpy(positions), torch.from_numpy(lengths)
-    )
+    return PackedItems(torch.from_numpy(input_ids), torch.from_numpy(positions), torch.from_numpy(lengths))

@@ -1,1 +1,1 @@
-"""Models: item and user encoders, HLLM, ID baselines (SASRec, HSTU) and training losses."""
+"""Models: backbones, item and user encoders, HLLM, ID baselines and training losses."""

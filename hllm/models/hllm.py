@@ -7,6 +7,7 @@ cached item table all share one geometry. Dims: B sequences, L history, U batch 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from hllm.data.batches import TrainBatch
 from hllm.data.text import PackedItems
+from hllm.errors import UserError
 from hllm.models.item_encoder import ItemEncoder
 from hllm.models.losses import LogitScale, catalogue_softmax, info_nce
 from hllm.models.user_encoder import UserEncoder
@@ -31,6 +33,37 @@ def mean_pairwise_cosine(embeddings: Tensor) -> float:
     return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
 
 
+class MlpAdaptor(nn.Module):
+    """Linear map plus a residual MLP: gives a frozen Item LLM's features room to move."""
+
+    def __init__(self, item_width: int, user_width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(item_width, user_width, bias=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(item_width, 2 * user_width), nn.GELU(), nn.Linear(2 * user_width, user_width)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x) + self.mlp(x)
+
+
+def build_adaptor(kind: str, item_width: int, user_width: int) -> nn.Module:
+    """Map Item LLM outputs to the User LLM's width (the reference required equal widths)."""
+    match kind:
+        case "none":
+            if item_width != user_width:
+                raise UserError(
+                    f"item width {item_width} != user width {user_width}: an adaptor is needed",
+                    where="model.adaptor",
+                )
+            return nn.Identity()
+        case "linear":
+            return nn.Linear(item_width, user_width, bias=False)
+        case "mlp":
+            return MlpAdaptor(item_width, user_width)
+    raise UserError(f"unknown adaptor {kind!r}; use none, linear or mlp", where="model.adaptor")
+
+
 class HLLM(nn.Module):
     def __init__(
         self,
@@ -44,16 +77,12 @@ class HLLM(nn.Module):
         frozen_items: bool = False,
         catalogue_negatives: bool = False,
         exclude_own_items: bool = True,
+        adaptor: Literal["none", "linear", "mlp"] = "linear",
     ) -> None:
         super().__init__()
         self.item_encoder = item_encoder
         self.user_encoder = user_encoder
-        # The reference required equal widths; a linear map lets any Item LLM feed any User LLM.
-        self.projection = (
-            nn.Identity()
-            if item_width == user_width
-            else nn.Linear(item_width, user_width, bias=False)
-        )
+        self.projection = build_adaptor(adaptor, item_width, user_width)
         self.logit_scale = LogitScale(temperature)
         self.nce_threshold = nce_threshold
         self.frozen_items = frozen_items

@@ -27,9 +27,7 @@ class LogitScale(nn.Module):
     def __init__(self, temperature: float = 0.07, *, learnable: bool = True) -> None:
         super().__init__()
         if not 0.01 <= temperature <= 1.0:
-            raise ValueError(
-                f"temperature must be in [0.01, 1] (scale in [1, 100]), got {temperature}"
-            )
+            raise ValueError(f"temperature must be in [0.01, 1] (scale in [1, 100]), got {temperature}")
         value = torch.tensor(math.log(1.0 / temperature))
         if learnable:
             self.log_scale = nn.Parameter(value)
@@ -134,6 +132,4 @@ def _output(loss: Tensor, logits: Tensor, labels: Tensor) -> NceOutput:
     stats = [(ranks <= k).float().mean() for k in ks]
     stats.append((torch.isfinite(logits).sum(1) - 1).float().mean())
     *hits, kept = torch.stack(stats).tolist()  # one device sync for all statistics
-    return NceOutput(
-        loss=loss, accuracy=hits[0], top_k_accuracy=dict(zip(ks, hits)), negatives_kept=kept
-    )
+    return NceOutput(loss=loss, accuracy=hits[0], top_k_accuracy=dict(zip(ks, hits)), negatives_kept=kept)
