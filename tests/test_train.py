@@ -135,3 +135,47 @@ def test_guard_rails_warn_on_collapse_and_a_stuck_loss():
         learning.check({"loss": 6.0 - 0.1 * step, "item_cosine": 0.3})
     learning.end_epoch()
     assert printed == []
+
+
+def _weights(path):
+    return torch.load(path, weights_only=False)["model"]
+
+
+def test_lora_trains_adapters_and_leaves_the_item_llm_untouched(cycle_data, tmp_path):
+    config = load_config(
+        None,
+        tiny_overrides(cycle_data, tmp_path, model__item__mode="lora", train__max_steps=2,
+                       train__checkpoint_every=1),
+    )
+    fit(config)
+    run = load_run(tmp_path / "tiny", checkpoint="last")
+    trained = _weights(tmp_path / "tiny" / "checkpoints" / "last.ckpt")
+    lora = [name for name in trained if "lora_" in name and name.startswith("item_encoder.")]
+    assert lora, "no LoRA adapters in the item encoder"
+    base = run.model.item_encoder.model.embeddings.word_embeddings.weight
+    fresh = load_config(None, tiny_overrides(cycle_data, tmp_path))
+    from hllm.runs import build_model
+
+    untouched, _ = build_model(fresh, run.data)
+    assert torch.equal(base, untouched.item_encoder.model.embeddings.word_embeddings.weight)
+    assert any(
+        not torch.equal(trained[name], torch.zeros_like(trained[name]))
+        for name in lora if "lora_B" in name
+    ), "LoRA B matrices never moved from their zero init"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"train__accumulate": 2, "train__gradient_checkpointing": True},
+        {"train__precision": "bf16-mixed", "model__item__pooling": "token",
+         "model__item__backbone": "tiny-llama"},
+    ],
+    ids=["accumulate+checkpointing", "bf16-mixed+decoder-items"],
+)
+def test_training_options_run_and_count_optimizer_steps(cycle_data, tmp_path, extra):
+    config = load_config(None, tiny_overrides(cycle_data, tmp_path, train__epochs=1, **extra))
+    result = fit(config)
+    steps_per_epoch = -(-4 // config.train.accumulate)  # 36 windows / batch 8 -> 4 batches
+    assert result["train"]["steps"] == steps_per_epoch
+    assert all(value == value for value in result["test"].values())  # no NaN metrics
