@@ -48,7 +48,10 @@ def prepare(
     config: Annotated[Path | None, typer.Option("--config", help="YAML to start from.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the stats as JSON.")] = False,
     tokenizer: Annotated[
-        str | None, typer.Option("--tokenizer", help="Tokenizer path: also report token lengths.")
+        str | None,
+        typer.Option(
+            "--tokenizer", help="Tokenizer (a preset such as minilm, or a path): report token lengths."
+        ),
     ] = None,
 ) -> None:
     """Read, check and cache a dataset; print its statistics."""
@@ -64,6 +67,10 @@ def prepare(
 def _load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer  # slow import, only when asked for
 
+    from hllm.models.backbone import PRESETS, load_backbone
+
+    if name_or_path in PRESETS:  # the Item LLM presets: minilm, smollm2-135m, tiny-bert, ...
+        return load_backbone(name_or_path).tokenizer
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
@@ -118,26 +125,19 @@ def evaluate_run(
     as_json: Annotated[bool, typer.Option("--json", help="Print {valid: {...}, test: {...}}.")] = False,
 ) -> None:
     """Score a trained run on the whole catalogue (best checkpoint)."""
-    from hllm.evaluate import evaluate, item_table
+    from hllm.evaluate import item_table
     from hllm.runs import load_run
+    from hllm.train import evaluate_split
 
     splits = {"both": ["valid", "test"], "valid": ["valid"], "test": ["test"]}.get(split)
     if splits is None:
         raise UserError(f"unknown split {split!r}; use valid, test or both", where="--split")
     run = load_run(run_dir)
-    cfg = run.config
-    table = item_table(run.model, run.data.num_items, run.item_tokens, batch_size=cfg.eval.item_batch_size)
+    table = item_table(
+        run.model, run.data.num_items, run.item_tokens, batch_size=run.config.eval.item_batch_size
+    )
     result = {
-        name: evaluate(
-            run.model,
-            run.data,
-            name,
-            item_tokens=run.item_tokens,
-            ks=cfg.eval.ks,
-            batch_size=cfg.eval.batch_size,
-            max_history=cfg.data.max_history,
-            table=table,
-        )
+        name: evaluate_split(run.config, run.model, run.data, run.item_tokens, name, table=table)
         for name in splits
     }
     if as_json:

@@ -12,11 +12,11 @@ from rich.table import Table
 from hllm.config import load_config
 from hllm.data.batches import training_items
 from hllm.data.dataset import prepare_dataset
-from hllm.evaluate import evaluate, item_table, recommend_items
+from hllm.evaluate import item_table, recommend_items
 from hllm.files import write_json
 from hllm.models.popularity import Popularity
 from hllm.runs import Run, load_run, run_folder
-from hllm.train import fit
+from hllm.train import evaluate_split, fit
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 SHOWN_METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50", "mrr")
@@ -50,14 +50,7 @@ def run_demo(
     )
     result = fit(config, resume=True)
     popularity = Popularity(training_items(data), data.num_items)
-    result["popularity"] = evaluate(
-        popularity,
-        data,
-        "test",
-        item_tokens=None,
-        ks=config.eval.ks,
-        max_history=config.data.max_history,
-    )
+    result["popularity"] = evaluate_split(config, popularity, data, None, "test")
     write_json(run_folder(config) / "metrics.json", result)
     console.print(comparison_table(result["test"], result["popularity"]))
     show_recommendations(load_run(run_folder(config)), user="1", console=console)

@@ -22,7 +22,7 @@ from hllm.data.dataset import prepare_dataset
 from hllm.errors import UserError
 from hllm.evaluate import evaluate, protocol_card
 from hllm.files import write_json, write_text
-from hllm.runs import build_model, cache_frozen_items, config_hash, run_folder
+from hllm.runs import build_model, cache_frozen_items, config_hash, read_checkpoint, run_folder
 
 NO_DECAY = ("bias", "norm", "embed", "item_token", "logit_scale")
 COLLAPSE_COSINE = 0.95
@@ -152,17 +152,7 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
         )
 
     def validate() -> dict:
-        return evaluate(
-            model.module,
-            data,
-            "valid",
-            item_tokens=tokens,
-            ks=config.eval.ks,
-            batch_size=config.eval.batch_size,
-            item_batch_size=config.eval.item_batch_size,
-            max_history=config.data.max_history,
-            device=fabric.device,
-        )
+        return evaluate_split(config, model.module, data, tokens, "valid", device=fabric.device)
 
     started, guard = time.perf_counter(), GuardRails(fabric)
     while state.epoch < config.train.epochs and not _done(config, state):
@@ -301,18 +291,29 @@ def record_validation(fabric: L.Fabric, config: RunConfig, state: TrainState, me
     return improved
 
 
-def finish(fabric, config, folder, model, data, tokens, state, seconds) -> dict:
-    """Reload the best checkpoint, score valid and test once, write metrics.json."""
-    fabric.load(folder / "checkpoints" / "best.ckpt", {"model": model}, strict=False)
-    common = dict(
+def evaluate_split(config: RunConfig, model, data, tokens, split, *, device="cpu", table=None) -> dict:
+    """`evaluate` with the run's evaluation settings."""
+    return evaluate(
+        model,
+        data,
+        split,
         item_tokens=tokens,
         ks=config.eval.ks,
         batch_size=config.eval.batch_size,
         item_batch_size=config.eval.item_batch_size,
         max_history=config.data.max_history,
-        device=fabric.device,
+        device=device,
+        table=table,
     )
-    result = {split: evaluate(model.module, data, split, **common) for split in ("valid", "test")}
+
+
+def finish(fabric, config, folder, model, data, tokens, state, seconds) -> dict:
+    """Reload the best checkpoint, score valid and test once, write metrics.json."""
+    model.module.load_state_dict(read_checkpoint(folder / "checkpoints" / "best.ckpt")["model"])
+    result = {
+        split: evaluate_split(config, model.module, data, tokens, split, device=fabric.device)
+        for split in ("valid", "test")
+    }
     result["protocol"] = protocol_card(data, "test", model=config.model.kind, config_hash=config_hash(config))
     result["train"] = {
         "seconds": round(seconds, 1),

@@ -186,3 +186,18 @@ def test_tokenizer_option_reports_token_lengths(fixtures, tmp_path):
     assert tokens["tokens_max"] == 7 and tokens["truncated_share"] == pytest.approx(0.75)  # words
     result = CliRunner().invoke(app, [*args, "--tokenizer", str(tmp_path / "missing")])
     assert isinstance(result.exception, UserError) and result.exception.where == "--tokenizer"
+
+
+def test_tokenizer_option_accepts_an_item_llm_preset(fixtures, tmp_path):
+    args = [
+        "prepare",
+        str(fixtures / "tiny.csv"),
+        f"data.item_path={fixtures / 'tiny_items.csv'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "--json",
+        "--tokenizer",
+        "tiny-bert",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["text_tokens"]["tokens_max"] > 0

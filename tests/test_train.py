@@ -144,8 +144,9 @@ def _weights(path):
 def test_lora_trains_adapters_and_leaves_the_item_llm_untouched(cycle_data, tmp_path):
     config = load_config(
         None,
-        tiny_overrides(cycle_data, tmp_path, model__item__mode="lora", train__max_steps=2,
-                       train__checkpoint_every=1),
+        tiny_overrides(
+            cycle_data, tmp_path, model__item__mode="lora", train__max_steps=2, train__checkpoint_every=1
+        ),
     )
     fit(config)
     run = load_run(tmp_path / "tiny", checkpoint="last")
@@ -159,8 +160,7 @@ def test_lora_trains_adapters_and_leaves_the_item_llm_untouched(cycle_data, tmp_
     untouched, _ = build_model(fresh, run.data)
     assert torch.equal(base, untouched.item_encoder.model.embeddings.word_embeddings.weight)
     assert any(
-        not torch.equal(trained[name], torch.zeros_like(trained[name]))
-        for name in lora if "lora_B" in name
+        not torch.equal(trained[name], torch.zeros_like(trained[name])) for name in lora if "lora_B" in name
     ), "LoRA B matrices never moved from their zero init"
 
 
@@ -168,8 +168,11 @@ def test_lora_trains_adapters_and_leaves_the_item_llm_untouched(cycle_data, tmp_
     "extra",
     [
         {"train__accumulate": 2, "train__gradient_checkpointing": True},
-        {"train__precision": "bf16-mixed", "model__item__pooling": "token",
-         "model__item__backbone": "tiny-llama"},
+        {
+            "train__precision": "bf16-mixed",
+            "model__item__pooling": "token",
+            "model__item__backbone": "tiny-llama",
+        },
     ],
     ids=["accumulate+checkpointing", "bf16-mixed+decoder-items"],
 )
