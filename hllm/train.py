@@ -111,23 +111,15 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
         model.gather = lambda x: fabric.all_gather(x, sync_grads=True).reshape(-1, x.shape[-1])
         model.gather_ids = lambda x: fabric.all_gather(x).reshape(-1)
     optimizer = torch.optim.AdamW(param_groups(model, config.train.weight_decay), lr=config.train.lr)
-    batches = TrainBatches(
-        data,
-        max_history=config.data.max_history,
-        batch_size=config.train.batch_size,
-        num_negatives=0 if config.train.negatives == "catalogue" else config.train.num_negatives,
-        seed=config.train.seed,
-        item_tokens=tokens if model.needs_text else None,
-        slots=model.item_slots,
-        rank=fabric.global_rank,
-        world_size=fabric.world_size,
-    )
+    batches = make_batches(config, data, model, tokens, fabric)
     steps_per_epoch = math.ceil(len(batches) / config.train.accumulate)
     total = steps_per_epoch * config.train.epochs
     if config.train.max_steps > 0:
         total = min(total, config.train.max_steps)
     scheduler = cosine_with_warmup(optimizer, total, config.train.warmup)
     model, optimizer = fabric.setup(model, optimizer)
+    # Route training_loss through the wrapper's forward so DDP/FSDP hooks (gradient sync) run.
+    model.mark_forward_method("training_loss")
     cache_frozen_items(model.module, tokens, batch_size=config.eval.item_batch_size, device=fabric.device)
     state = TrainState()
     checkpoint = {"model": model, "optimizer": optimizer}
@@ -183,6 +175,21 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
     if not best.exists():  # no full epoch yet: the current weights are the best we have
         snapshot(best)
     return finish(fabric, config, folder, model, data, tokens, state, time.perf_counter() - started)
+
+
+def make_batches(config: RunConfig, data, model, tokens, fabric: L.Fabric) -> TrainBatches:
+    """This process's share of the training batches, with text only when the model reads it."""
+    return TrainBatches(
+        data,
+        max_history=config.data.max_history,
+        batch_size=config.train.batch_size,
+        num_negatives=0 if config.train.negatives == "catalogue" else config.train.num_negatives,
+        seed=config.train.seed,
+        item_tokens=tokens if model.needs_text else None,
+        slots=model.item_slots,
+        rank=fabric.global_rank,
+        world_size=fabric.world_size,
+    )
 
 
 def _done(config: RunConfig, state: TrainState) -> bool:
