@@ -81,7 +81,10 @@ def make_fabric(config: RunConfig, folder: Path) -> L.Fabric:
     if config.train.tensorboard:
         from lightning.fabric.loggers import TensorBoardLogger
 
-        loggers.append(TensorBoardLogger(folder, name="tensorboard", version=""))
+        try:
+            loggers.append(TensorBoardLogger(folder, name="tensorboard", version=""))
+        except ModuleNotFoundError:
+            raise UserError("TensorBoard logs need `pip install tensorboard`", where="train.tensorboard") from None
     fabric = L.Fabric(
         accelerator=config.train.accelerator,
         devices=config.train.devices,

@@ -65,6 +65,9 @@ def build_adaptor(kind: str, item_width: int, user_width: int) -> nn.Module:
 
 
 class HLLM(nn.Module):
+    """Item LLM -> adaptor -> User LLM, trained with InfoNCE on a shared negative bank (or, when the
+    item side is frozen, with a softmax over the whole catalogue)."""
+
     def __init__(
         self,
         item_encoder: ItemEncoder,
