@@ -23,6 +23,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# The standard benchmark suite (resumable: rerun to continue); see BENCHMARKS.md.
+BENCH_DATASETS ?= ml-100k,amazon-scientific,amazon-office
+BENCH_MODELS ?= popularity,hllm-minilm-frozen
+bench: install
+	$(BIN)/hllm bench --datasets $(BENCH_DATASETS) --models $(BENCH_MODELS) --seeds 3 --out benchmarks
+
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 

@@ -23,6 +23,10 @@ from hllm.errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configurations.")
 app.add_typer(config_app, name="config")
+bench_app = typer.Typer(
+    invoke_without_command=True, help="Benchmarks: the model suite (default) and its sub-benchmarks."
+)
+app.add_typer(bench_app, name="bench")
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4")]
 
@@ -168,6 +172,34 @@ def recommend(
         k=k,
         console=Console(),
     )
+
+
+@bench_app.callback()
+def bench(
+    ctx: typer.Context,
+    datasets: Annotated[
+        str, typer.Option(help="Comma-separated names (ml-100k, amazon-scientific, ...) or paths.")
+    ] = "ml-100k",
+    models: Annotated[
+        str, typer.Option(help="Comma-separated model names (see hllm/bench/run.py MODELS).")
+    ] = "popularity,hllm-minilm-frozen",
+    seeds: Annotated[int, typer.Option(help="Seeds per (dataset, model).")] = 3,
+    out: Annotated[Path, typer.Option(help="Folder for results.json, report.md, plots and runs.")] = Path(
+        "benchmarks"
+    ),
+    quick: Annotated[bool, typer.Option("--quick", help="Smoke run: tiny models, 3 steps.")] = False,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Extra a.b=value for every run.")
+    ] = None,
+) -> None:
+    """Train and score every (dataset, model, seed) not yet in OUT/results.json; write the report."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from hllm.bench.report import write_report
+    from hllm.bench.run import run_bench
+
+    records = run_bench(datasets.split(","), models.split(","), seeds, out, quick=quick, extra=overrides)
+    typer.echo(f"{len(records)} records in {out / 'results.json'}; report: {write_report(records, out)}")
 
 
 @app.command("demo")

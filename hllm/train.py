@@ -84,7 +84,9 @@ def make_fabric(config: RunConfig, folder: Path) -> L.Fabric:
         try:
             loggers.append(TensorBoardLogger(folder, name="tensorboard", version=""))
         except ModuleNotFoundError:
-            raise UserError("TensorBoard logs need `pip install tensorboard`", where="train.tensorboard") from None
+            raise UserError(
+                "TensorBoard logs need `pip install tensorboard`", where="train.tensorboard"
+            ) from None
     fabric = L.Fabric(
         accelerator=config.train.accelerator,
         devices=config.train.devices,
@@ -327,6 +329,8 @@ def finish(fabric, config, folder, model, data, tokens, state, seconds) -> dict:
     result["protocol"] = protocol_card(data, "test", model=config.model.kind, config_hash=config_hash(config))
     result["train"] = {
         "seconds": round(seconds, 1),
+        "params": sum(p.numel() for p in model.module.parameters()),
+        "trainable_params": sum(p.numel() for p in model.module.parameters() if p.requires_grad),
         "steps": state.step,
         "epochs": state.epoch,
         "best_epoch": state.best_epoch,

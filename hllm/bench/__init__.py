@@ -1,0 +1,1 @@
+"""Benchmarks: the model suite (run.py, report.py) and its sub-benchmarks."""

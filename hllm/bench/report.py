@@ -1,0 +1,103 @@
+"""Bench records -> `report.md`: mean ± std tables per dataset and PNG plots (metrics, validation curves)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from hllm.files import atomic_path, write_text  # noqa: E402
+
+METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50", "mrr")
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def grouped(records: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """dataset -> model -> records (one per seed), in first-seen order."""
+    groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        groups[record["dataset"]][record["model"]].append(record)
+    return groups
+
+
+def results_table(models: dict[str, list[dict]]) -> str:
+    header = "| model | seeds | " + " | ".join(METRICS) + " | train s (mean) |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 3)]
+    for model, runs in models.items():
+        cells = [mean_std([r["test"][m] for r in runs]) for m in METRICS]
+        seconds = statistics.mean(r["train_seconds"] for r in runs)
+        lines.append(f"| {model} | {len(runs)} | " + " | ".join(cells) + f" | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_metrics(dataset: str, models: dict[str, list[dict]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(models), 3.2))
+    width = 0.8 / 2
+    for offset, metric in enumerate(("recall@10", "ndcg@10")):
+        means = [statistics.mean(r["test"][metric] for r in runs) for runs in models.values()]
+        errors = [
+            statistics.stdev(r["test"][metric] for r in runs) if len(runs) > 1 else 0
+            for runs in models.values()
+        ]
+        positions = [i + offset * width for i in range(len(models))]
+        ax.bar(positions, means, width, yerr=errors, label=metric, capsize=3)
+    ax.set_xticks([i + width / 2 for i in range(len(models))], list(models), rotation=20, ha="right")
+    ax.set_title(f"{dataset}: test, full ranking")
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_curves(dataset: str, models: dict[str, list[dict]], metric: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for model, runs in models.items():
+        history = runs[0]["valid_history"]
+        if history:
+            ax.plot([h["epoch"] + 1 for h in history], [h[metric] for h in history], marker="o", label=model)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"valid {metric}")
+    ax.set_title(f"{dataset}: validation (seed 0)")
+    if ax.get_lines():
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(records: list[dict], out: Path, *, metric: str = "ndcg@10") -> Path:
+    """Tables and plots for every dataset in `records`; returns the report's path."""
+    parts = [
+        "# Benchmark report",
+        "",
+        "Test split, full ranking over every item, history masked; "
+        "mean ± std over seeds. Protocol cards are in results.json.",
+        "",
+    ]
+    for dataset, models in grouped(records).items():
+        slug = Path(dataset).name
+        plot_metrics(dataset, models, out / f"{slug}-metrics.png")
+        plot_curves(dataset, models, metric, out / f"{slug}-valid.png")
+        parts += [
+            f"## {dataset}",
+            "",
+            results_table(models),
+            "",
+            f"![test metrics]({slug}-metrics.png) ![validation]({slug}-valid.png)",
+            "",
+        ]
+    write_text(out / "report.md", "\n".join(parts))
+    return out / "report.md"
