@@ -152,17 +152,32 @@ def evaluate_run(
 
 @app.command("recommend")
 def recommend(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder written by hllm train.")],
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="A run folder written by hllm train (not with --server).")
+    ] = None,
     user: Annotated[str | None, typer.Option("--user", help="A user id of the dataset.")] = None,
     items: Annotated[
         str | None, typer.Option("--items", help="A history of item ids, oldest first: A,B,C.")
     ] = None,
     k: Annotated[int, typer.Option("-k", help="How many items.")] = 10,
+    server: Annotated[
+        str | None, typer.Option("--server", help="Ask a running hllm serve, e.g. http://127.0.0.1:8000.")
+    ] = None,
 ) -> None:
     """Top-k items for a user of the dataset or for a given history, with titles and scores."""
+    if server is not None:
+        from hllm.serve import recommend_remote
+
+        if items is None or run_dir is not None or user is not None:
+            raise UserError("with --server give --items ID,ID,... only (no RUN_DIR, no --user)", "recommend")
+        history = [raw.strip() for raw in items.split(",")]
+        typer.echo(json.dumps(recommend_remote(server, history, k), indent=2))
+        return
     from hllm.demo import show_recommendations
     from hllm.runs import load_run
 
+    if run_dir is None:
+        raise UserError("give a RUN_DIR, or --server URL", where="recommend")
     if (user is None) == (items is None):
         raise UserError("give exactly one of --user ID or --items ID,ID,...", where="recommend")
     show_recommendations(
@@ -172,6 +187,46 @@ def recommend(
         k=k,
         console=Console(),
     )
+
+
+@app.command("export")
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by hllm train.")],
+    out_dir: Annotated[Path, typer.Argument(help="New folder for the serving artifact.")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
+) -> None:
+    """Write a self-contained serving artifact (weights, item table, ids, texts, manifest)."""
+    from hllm.export import export_run
+
+    typer.echo(f"artifact written to {export_run(run_dir, out_dir, checkpoint=checkpoint)}")
+
+
+@app.command("index")
+def index(
+    artifact: Annotated[Path, typer.Argument(help="An artifact written by hllm export.")],
+    overrides: Overrides = None,
+    kind: Annotated[str, typer.Option("--kind", help="exact, hnsw or ivf.")] = "hnsw",
+) -> None:
+    """Build (and save) the artifact's index; report its recall@10 against exact search."""
+    from hllm.export import load_artifact
+    from hllm.index import index_artifact
+
+    typer.echo(json.dumps(index_artifact(load_artifact(artifact, overrides), kind)))
+
+
+@app.command("serve")
+def serve(
+    artifact: Annotated[Path, typer.Argument(help="An artifact written by hllm export.")],
+    overrides: Overrides = None,
+    host: Annotated[str | None, typer.Option("--host", help="Default: serve.host.")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Default: serve.port.")] = None,
+) -> None:
+    """Serve recommendations over HTTP (docs at /docs); serve.* overrides pick the index."""
+    from hllm.export import load_artifact
+    from hllm.serve import run_server
+
+    loaded = load_artifact(artifact, overrides)
+    run_server(loaded, host=host or loaded.config.serve.host, port=port or loaded.config.serve.port)
 
 
 @bench_app.callback()
@@ -200,6 +255,34 @@ def bench(
 
     records = run_bench(datasets.split(","), models.split(","), seeds, out, quick=quick, extra=overrides)
     typer.echo(f"{len(records)} records in {out / 'results.json'}; report: {write_report(records, out)}")
+
+
+@bench_app.command("serve")
+def bench_serve(
+    artifact: Annotated[Path, typer.Argument(help="An artifact written by hllm export.")],
+    sizes: Annotated[
+        str, typer.Option(help="Catalogue sizes (real + synthetic items).")
+    ] = "10000,100000,1000000",
+    kinds: Annotated[str, typer.Option(help="Index kinds: exact, hnsw, ivf.")] = "exact,ivf",
+    clients: Annotated[str, typer.Option(help="Concurrent HTTP clients per level.")] = "1,8,16",
+    seconds: Annotated[float, typer.Option(help="Measured seconds per level.")] = 10.0,
+    out: Annotated[Path, typer.Option(help="Scratch catalogues and serve.json.")] = Path("benchmarks/serve"),
+    report: Annotated[Path, typer.Option(help="Markdown file whose Serving section is rewritten.")] = Path(
+        "BENCHMARKS.md"
+    ),
+) -> None:
+    """Load-test the real server on 127.0.0.1: latency percentiles and throughput per catalogue size."""
+    from hllm.bench.serve import bench_serve as run
+
+    def numbers(text: str) -> list[int]:
+        if not all(part.strip().isdigit() for part in text.split(",")):
+            raise UserError(f"expected whole numbers like 1,8,16, got {text!r}", where="bench serve")
+        return [int(part) for part in text.split(",")]
+
+    command = " ".join(["hllm", *sys.argv[1:]])
+    kwargs = dict(kinds=kinds.split(","), clients=numbers(clients), seconds=seconds, report=report)
+    records = run(artifact, out, sizes=numbers(sizes), **kwargs, command=command)
+    typer.echo(f"{len(records)} measurements in {out / 'serve.json'}; table in {report}")
 
 
 @app.command("demo")

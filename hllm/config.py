@@ -82,11 +82,32 @@ class UserConfig:
 
 
 @dataclass
+class IdModelConfig:
+    hidden_size: int = 64
+    """Width of the item-id embeddings and of every block."""
+    layers: int = 2
+    """Attention blocks."""
+    heads: int = 1
+    """Attention heads (hidden_size must divide by it)."""
+    dropout: float | None = None
+    """Embedding and residual dropout; unset: 0.2 on dense data (mean history >= 20), else 0.5."""
+    attention_dropout: float | None = None
+    """Dropout on the attention weights; unset: the same as dropout."""
+    loss: Literal["auto", "bce", "sampled", "full"] = "auto"
+    """bce: one sampled negative per position (original SASRec); sampled: softmax over the shared
+    bank of train.num_negatives; full: softmax over the whole catalogue; auto: full up to 200k items."""
+    time_bias: bool = True
+    """HSTU: add the time-gap attention bias when the data has timestamps."""
+
+
+@dataclass
 class ModelConfig:
-    kind: Literal["hllm", "popularity"] = "hllm"
+    kind: Literal["hllm", "popularity", "sasrec", "hstu"] = "hllm"
     """Which model to train."""
     item: ItemConfig = field(default_factory=ItemConfig)
     user: UserConfig = field(default_factory=UserConfig)
+    id: IdModelConfig = field(default_factory=IdModelConfig)
+    """Item-id baselines (kind sasrec or hstu); their maximum length is data.max_history."""
     adaptor: Literal["auto", "none", "linear", "mlp"] = "auto"
     """Item LLM -> User LLM map; auto: a residual MLP when the item side is frozen, else a linear
     map when the widths differ, else none."""
@@ -157,6 +178,32 @@ class EvalConfig:
 
 
 @dataclass
+class ServeConfig:
+    index: Literal["exact", "hnsw", "ivf"] = "exact"
+    """Nearest-item search: exact inner product, or approximate HNSW / IVF for large catalogues."""
+    hnsw_m: int = 32
+    """HNSW links per node (more: better recall, more memory, slower build)."""
+    hnsw_ef_construction: int = 64
+    """HNSW search width while building."""
+    hnsw_ef_search: int = 128
+    """HNSW search width per query (more: better recall, slower)."""
+    ivf_lists: int = 0
+    """IVF clusters; 0 = 4 * sqrt(items), capped at 65536."""
+    ivf_probes: int = 32
+    """IVF clusters visited per query (more: better recall, slower)."""
+    host: str = "127.0.0.1"
+    """Address `hllm serve` listens on."""
+    port: int = 8000
+    """Port `hllm serve` listens on."""
+    max_k: int = 1000
+    """Largest k a request may ask for."""
+    max_body_bytes: int = 1_000_000
+    """Larger request bodies are refused with 413."""
+    torch_threads: int = 1
+    """Torch threads per request in the server (requests already run in parallel; 0 = torch's default)."""
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     """Run name; the run folder is `out_dir/name`."""
@@ -166,6 +213,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         if self.train.negatives == "catalogue" and self.model.item.mode != "frozen":
@@ -182,6 +230,13 @@ class RunConfig:
             ("train.accumulate", self.train.accumulate),
             ("data.max_history", self.data.max_history),
             ("data.max_text_tokens", self.data.max_text_tokens),
+            ("serve.hnsw_m", self.serve.hnsw_m),
+            ("serve.hnsw_ef_construction", self.serve.hnsw_ef_construction),
+            ("serve.hnsw_ef_search", self.serve.hnsw_ef_search),
+            ("serve.ivf_probes", self.serve.ivf_probes),
+            ("serve.port", self.serve.port),
+            ("serve.max_k", self.serve.max_k),
+            ("serve.max_body_bytes", self.serve.max_body_bytes),
         ):
             if value < 1:
                 raise UserError(f"must be at least 1, got {value}", where=key)

@@ -64,7 +64,9 @@ def rank_users(
     ranks = []
     for batch in eval_batches(data, split, batch_size=batch_size, max_history=max_history):
         batch = batch.to(table.device)
-        users = model.encode_users(batch.history, table)  # (B, D)
+        # Only models that read time (HSTU's time bias) get the history's timestamps.
+        reads_time = batch.times is not None and getattr(model, "reads_time", False)
+        users = model.encode_users(batch.history, table, **({"times": batch.times} if reads_time else {}))
         scores = users.float() @ table.float().T  # (B, N)
         mask_history(scores, batch.seen, batch.targets)
         try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hllm.models.losses import LogitScale, catalogue_softmax, info_nce
+from hllm.models.losses import LogitScale, binary_cross_entropy, catalogue_softmax, info_nce
 
 # Two rows in 2-D. Normalised: users (1,0), (0,1); targets (1,1)/sqrt2, (0,1);
 # negatives (1,0), (0,1), (-1,0). Row 1's target equals negative 1, so the filter masks it there.
@@ -156,3 +156,22 @@ def test_excluded_negatives_are_masked_per_row():
     expected = ((torch.logsumexp(row0, 0) - 1.0) + (torch.logsumexp(row1, 0) - 1.0)) / 2
     assert torch.allclose(out.loss, expected, atol=1e-6)
     assert out.negatives_kept == 1.5
+
+
+def test_binary_cross_entropy_matches_hand_computed_loss():
+    user = torch.tensor([[1.0, 2.0], [0.5, -1.0]], requires_grad=True)
+    target = torch.tensor([[1.0, 0.0], [0.0, -2.0]])  # dot products 1.0 and 2.0
+    negative = torch.tensor([[0.0, 1.0], [2.0, 0.0]])  # dot products 2.0 and 1.0
+
+    def log_sigmoid(x: float) -> float:
+        return -math.log(1 + math.exp(-x))
+
+    # -log sigmoid(positive) - log(1 - sigmoid(negative)), averaged over the two rows
+    row0 = -log_sigmoid(1.0) - log_sigmoid(-2.0)
+    row1 = -log_sigmoid(2.0) - log_sigmoid(-1.0)
+    out = binary_cross_entropy(user, target, negative)
+    assert out.loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    assert out.accuracy == 0.5  # row 0's negative (2) beats its positive (1)
+    assert out.negatives_kept == 1.0
+    out.loss.backward()
+    assert torch.isfinite(user.grad).all() and user.grad.abs().sum() > 0

@@ -36,6 +36,7 @@ class TrainBatch:
     item_index: Tensor  # (B, L+1) index of each item in batch_items (0 where PAD)
     negative_index: Tensor  # (K,) index of each negative in batch_items
     text: PackedItems | None  # tokens of batch_items packed in one row, when the model reads text
+    times: Tensor | None = None  # (B, L+1) float64 seconds of `items` (0 where PAD); None without times
 
     def to(self, device: torch.device | str) -> TrainBatch:
         return _move(self, device)
@@ -49,14 +50,15 @@ class EvalBatch:
     history: Tensor  # (B, L) left-padded most recent history
     targets: Tensor  # (B,) item id to find
     seen: Tensor  # (B, H) the whole history (PAD-padded), masked from the ranking
+    times: Tensor | None = None  # (B, L) float64 seconds of `history` (0 where PAD); None without times
 
     def to(self, device: torch.device | str) -> EvalBatch:
         return _move(self, device)
 
 
-def left_pad(rows: list[np.ndarray], width: int) -> np.ndarray:
+def left_pad(rows: list[np.ndarray], width: int, *, dtype: type = np.int64) -> np.ndarray:
     """Stack the last `width` items of each row, right-aligned, PAD on the left."""
-    out = np.full((len(rows), width), PAD_ID, dtype=np.int64)
+    out = np.full((len(rows), width), PAD_ID, dtype=dtype)
     for i, row in enumerate(rows):
         row = row[-width:]
         if len(row):
@@ -127,8 +129,8 @@ class TrainBatches(Dataset):
     def __getitem__(self, index: int) -> TrainBatch:
         batch_number = index * self.world_size + self.rank
         chosen = self._order()[batch_number * self.batch_size : (batch_number + 1) * self.batch_size]
-        rows = [self.data.items[start:end] for _, start, end in self.windows[chosen]]
-        items = left_pad(rows, self.max_history + 1)
+        spans = self.windows[chosen]
+        items = left_pad([self.data.items[start:end] for _, start, end in spans], self.max_history + 1)
         rng = np.random.default_rng([self.seed, self.epoch, batch_number, 1])
         # K distinct negatives, uniform over the catalogue, never PAD. A user's own items are
         # masked per row in the loss, not here: excluding the union of a batch's items would
@@ -136,9 +138,13 @@ class TrainBatches(Dataset):
         num_real = self.data.num_items - 1
         k = min(max(self.num_negatives, 0), num_real)
         negatives = np.sort(rng.choice(num_real, size=k, replace=False) + 1)
-        return self._collate(items, negatives)
+        times = None
+        if self.data.timestamps is not None:
+            rows = [self.data.timestamps[start:end] for _, start, end in spans]
+            times = torch.from_numpy(left_pad(rows, self.max_history + 1, dtype=np.float64))
+        return self._collate(items, negatives, times)
 
-    def _collate(self, items: np.ndarray, negatives: np.ndarray) -> TrainBatch:
+    def _collate(self, items: np.ndarray, negatives: np.ndarray, times: Tensor | None = None) -> TrainBatch:
         batch_items = np.union1d(items[items != PAD_ID], negatives)
         item_index = np.searchsorted(batch_items, items).clip(max=len(batch_items) - 1)
         item_index[items == PAD_ID] = 0
@@ -153,6 +159,7 @@ class TrainBatches(Dataset):
             item_index=torch.from_numpy(item_index),
             negative_index=torch.from_numpy(np.searchsorted(batch_items, negatives)),
             text=text,
+            times=times,
         )
 
 
@@ -168,11 +175,16 @@ def eval_batches(data: SequenceData, split: Literal["valid", "test"], *, batch_s
         users = np.arange(first, min(first + batch_size, data.num_users))
         seen = [data.items[data.offsets[u] : target_pos[u]] for u in users]
         width = max(len(s) for s in seen)
+        times = None
+        if data.timestamps is not None:
+            rows = [data.timestamps[data.offsets[u] : target_pos[u]] for u in users]
+            times = torch.from_numpy(left_pad(rows, max_history, dtype=np.float64))
         yield EvalBatch(
             users=torch.from_numpy(users),
             history=torch.from_numpy(left_pad(seen, max_history)),
             targets=torch.from_numpy(data.items[target_pos[users]]),
             seen=torch.from_numpy(left_pad(seen, width)),
+            times=times,
         )
 
 

@@ -24,7 +24,7 @@ from hllm.data.text import PAD_ID, build_item_text, text_length_stats
 from hllm.errors import UserError
 from hllm.files import hash_inputs, write_json
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: timestamps kept
 MIN_INTERACTIONS = 3  # one training item, the validation target and the test target
 PAD_TOKEN = "[PAD]"
 TITLE_FIELDS = ("title", "movie_title", "name")
@@ -49,6 +49,7 @@ class SequenceData:
     item_titles: np.ndarray  # (N,) object: short display title; "" for PAD
     stats: dict = field(default_factory=dict)
     fingerprint: str = ""
+    timestamps: np.ndarray | None = None  # (nnz,) float64 times of `items`; None without time column
 
     @property
     def num_items(self) -> int:
@@ -99,7 +100,8 @@ class SequenceData:
         _publish(self._write, Path(folder), replace=True)
 
     def _write(self, folder: Path) -> None:
-        np.savez(folder / "sequences.npz", offsets=self.offsets, items=self.items)
+        times = {} if self.timestamps is None else {"timestamps": self.timestamps}
+        np.savez(folder / "sequences.npz", offsets=self.offsets, items=self.items, **times)
         pd.DataFrame({"user_ids": self.user_ids}).to_parquet(folder / "users.parquet")
         items = pd.DataFrame({name: getattr(self, name) for name in ITEM_ARRAYS})
         items.to_parquet(folder / "items.parquet")
@@ -113,6 +115,7 @@ class SequenceData:
             meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
             with np.load(folder / "sequences.npz") as arrays:
                 offsets, items = arrays["offsets"], arrays["items"]
+                timestamps = arrays["timestamps"] if "timestamps" in arrays.files else None
             tables = [pd.read_parquet(folder / f"{name}.parquet") for name in ("users", "items")]
         except (OSError, ValueError, KeyError) as err:
             message = f"damaged dataset folder ({err}); delete it"
@@ -124,6 +127,7 @@ class SequenceData:
             items=items,
             stats=meta["stats"],
             fingerprint=meta["fingerprint"],
+            timestamps=timestamps,
             **arrays,
         )
 
@@ -192,6 +196,8 @@ def build_sequence_data(
     user_ids = np.asarray(user_raw[user_order], dtype=object)
     sequences = (item_index[by_user] + 1).astype(np.int64)
     data = SequenceData(source.name, user_ids, item_ids, offsets, sequences, text, titles)
+    if "time" in interactions:
+        data.timestamps = interactions["time"].to_numpy(dtype=np.float64)[rows][by_user]
     data.stats = _stats(data, source, has_time="time" in interactions, text_fields=fields) | {
         "raw_interactions": len(interactions),
         "dropped_users": len(user_raw) - data.num_users,

@@ -133,3 +133,19 @@ def _output(loss: Tensor, logits: Tensor, labels: Tensor) -> NceOutput:
     stats.append((torch.isfinite(logits).sum(1) - 1).float().mean())
     *hits, kept = torch.stack(stats).tolist()  # one device sync for all statistics
     return NceOutput(loss=loss, accuracy=hits[0], top_k_accuracy=dict(zip(ks, hits)), negatives_kept=kept)
+
+
+def binary_cross_entropy(user: Tensor, target: Tensor, negative: Tensor) -> NceOutput:
+    """SASRec's original loss: each row's next item against one sampled negative, dot-product logits.
+
+    Args:
+        user: (n, D) predicted embeddings of the valid positions.
+        target: (n, D) embeddings of the next items.
+        negative: (n, D) embeddings of one sampled negative per row.
+    """
+    positive = (user.float() * target.float()).sum(-1)  # (n,)
+    sampled = (user.float() * negative.float()).sum(-1)  # (n,)
+    # -log sigmoid(p) - log(1 - sigmoid(q)) = softplus(-p) + softplus(q), stable for any logit
+    loss = (F.softplus(-positive) + F.softplus(sampled)).mean()
+    logits = torch.stack([positive, sampled], dim=1)  # (n, 2)
+    return _output(loss, logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))

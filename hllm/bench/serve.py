@@ -1,0 +1,198 @@
+"""`hllm bench serve`: the real server on 127.0.0.1, driven over HTTP at several concurrency levels.
+
+Per catalogue size (real items + synthetic ones) and index kind: p50/p95/p99 and throughput of
+POST /recommend for the artifact's real held-out histories -> the "Serving" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+
+from hllm.errors import UserError
+from hllm.export import load_artifact, read_manifest, write_catalogue, write_manifest
+from hllm.files import write_json, write_text
+from hllm.index import index_artifact
+
+HEADING = "## Serving"
+STARTUP_S = 600  # a 1M-item artifact is hashed, loaded and indexed before /health answers
+CHUNK = 100_000
+
+
+def scale_artifact(source: Path, folder: Path, items: int, *, seed: int = 0) -> Path:
+    """A copy of `source` whose catalogue is padded to `items` with synthetic embeddings.
+
+    Each synthetic item is a random mix of two real items plus noise, normalised: it lies among
+    the real ones, so the User LLM's real predictions have realistic neighbourhoods to search.
+    """
+    manifest = read_manifest(source)
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("added.npz", "index-*", "manifest.json"))
+    real = np.load(source / "embeddings.npy")
+    frame = pd.read_parquet(source / "items.parquet")
+    extra = items + 1 - len(real)
+    if extra < 0:
+        raise UserError(f"the artifact already has {len(real) - 1} items, more than {items}", where="--sizes")
+    rng = np.random.default_rng(seed)
+    parts = [real]
+    for first in range(0, extra, CHUNK):
+        n = min(CHUNK, extra - first)
+        a, b = rng.integers(1, len(real), n), rng.integers(1, len(real), n)
+        mix = rng.uniform(0.0, 0.5, (n, 1)).astype(np.float32)
+        noise = rng.standard_normal((n, real.shape[1]), dtype=np.float32) * (0.5 / np.sqrt(real.shape[1]))
+        rows = (1 - mix) * real[a] + mix * real[b] + noise
+        parts.append(rows / np.linalg.norm(rows, axis=1, keepdims=True))
+    synthetic = [f"synthetic-{i}" for i in range(extra)]
+    write_catalogue(
+        folder,
+        [*frame["id"], *synthetic],
+        [*frame["title"], *synthetic],
+        [*frame["text"], *([""] * extra)],
+        np.concatenate(parts),
+    )
+    keep = ("run", "dataset", "model")
+    write_manifest(folder, {key: manifest[key] for key in keep} | {"synthetic_items": extra})
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(folder: Path, kind: str, *, timeout: float = STARTUP_S) -> tuple[subprocess.Popen, str]:
+    """`hllm serve` in a subprocess on a free port; returns once /health answers (or fails)."""
+    port = free_port()
+    command = [sys.executable, "-m", "hllm", "serve", str(folder), f"serve.index={kind}", "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise UserError(f"the server exited: {process.stderr.read().strip()[-500:]}", where=str(folder))
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.2)  # not listening yet: poll again until the deadline
+    process.kill()
+    raise UserError(f"the server did not answer /health within {timeout:.0f} s", where=str(folder))
+
+
+async def drive(url: str, histories: list[list[str]], *, clients: int, seconds: float) -> dict:
+    """`clients` concurrent loops of POST /recommend (k=10) for `seconds`; latency percentiles in ms."""
+    latencies: list[float] = []
+    errors = 0
+
+    async def client(offset: int, http: httpx.AsyncClient, until: float) -> None:
+        nonlocal errors
+        i = offset
+        while time.perf_counter() < until:
+            body = {"history": histories[i % len(histories)], "k": 10}
+            start = time.perf_counter()
+            response = await http.post(f"{url}/recommend", json=body)
+            latencies.append(time.perf_counter() - start)
+            errors += response.status_code != 200
+            i += clients
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as http:
+        warm_up = time.perf_counter() + 1.0  # open the connections, fill caches
+        await asyncio.gather(*(client(c, http, warm_up) for c in range(clients)))
+        latencies.clear()
+        errors = 0
+        started = time.perf_counter()
+        await asyncio.gather(*(client(c, http, started + seconds) for c in range(clients)))
+        elapsed = time.perf_counter() - started
+    p50, p95, p99 = np.percentile(np.array(latencies) * 1000, [50, 95, 99])
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": p50,
+        "p95_ms": p95,
+        "p99_ms": p99,
+    }
+
+
+def bench_serve(
+    artifact: Path,
+    out: Path,
+    *,
+    sizes: list[int],
+    kinds: list[str],
+    clients: list[int],
+    seconds: float,
+    report: Path | None = None,
+    command: str = "hllm bench serve",
+) -> list[dict]:
+    """Every (size, kind, clients) against the real server -> out/serve.json (+ the `report` section)."""
+    histories = load_artifact(artifact, verify=False).histories
+    records = []
+    for size in sizes:
+        folder = scale_artifact(Path(artifact), out / f"catalogue-{size}", size)
+        for kind in kinds:
+            built = index_artifact(load_artifact(folder), kind)  # builds and saves the index the server reads
+            process, url = start_server(folder, kind)
+            try:
+                for level in clients:
+                    result = asyncio.run(drive(url, histories, clients=level, seconds=seconds))
+                    records.append(
+                        {
+                            "items": size,
+                            "index": kind,
+                            "recall@10": built["recall@10"],
+                            "build_s": built["build_s"],
+                            **result,
+                        }
+                    )
+                    print(json.dumps(records[-1]), flush=True)
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
+    write_json(out / "serve.json", records)
+    if report is not None:
+        write_benchmarks_section(report, serving_section(records, command))
+    return records
+
+
+def serving_section(records: list[dict], command: str) -> str:
+    """The Markdown table of a serving benchmark, with the command and machine that produced it."""
+    rows = [
+        "| items | index | recall@10 | clients | requests | req/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        rows.append(
+            f"| {r['items']:,} | {r['index']} | {r['recall@10']:.3f} | {r['clients']} | {r['requests']} | "
+            f"{r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |"
+        )
+    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}"
+    return "\n".join([f"`{command}` on {machine}:", "", *rows, ""])
+
+
+def write_benchmarks_section(path: Path, body: str) -> None:
+    """Replace (or append) the "## Serving" section of BENCHMARKS.md, leaving other sections alone."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == HEADING), None)
+    if start is None:
+        lines += ["", HEADING, "", body.rstrip()]
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = [HEADING, "", body.rstrip(), ""]
+    write_text(path, "\n".join(lines).rstrip() + "\n")

@@ -1,0 +1,208 @@
+"""Nearest-item search with faiss over L2-normalised item embeddings (inner product = cosine).
+
+Exact (flat) by default; HNSW or IVF for large catalogues. Catalogue row r is faiss label r - 1
+(row 0 = PAD is never indexed). Dims: B queries, N rows, D width.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import faiss
+import numpy as np
+
+from hllm.config import ServeConfig
+from hllm.errors import UserError
+from hllm.export import Artifact, encode_histories
+from hllm.files import atomic_write, write_json
+
+IndexKind = Literal["exact", "hnsw", "ivf"]
+KINDS = ("exact", "hnsw", "ivf")
+RECALL_K = 10
+
+
+def build_index(
+    vectors: np.ndarray,
+    kind: str,
+    *,
+    hnsw_m: int = 32,
+    hnsw_ef_construction: int = 64,
+    hnsw_ef_search: int = 128,
+    ivf_lists: int = 0,
+    ivf_probes: int = 32,
+) -> faiss.Index:
+    """An inner-product index over `vectors` (N, D) float32; label i is row i of `vectors`."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    width = vectors.shape[1]
+    match kind:
+        case "exact":
+            index = faiss.IndexFlatIP(width)
+        case "hnsw":
+            index = faiss.IndexHNSWFlat(width, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = hnsw_ef_construction
+            index.hnsw.efSearch = hnsw_ef_search
+        case "ivf":
+            lists = ivf_lists or min(65536, max(1, round(math.sqrt(len(vectors)))))
+            if len(vectors) < lists:
+                raise UserError(
+                    f"{lists} IVF lists need at least as many items, got {len(vectors)}",
+                    where="serve.ivf_lists",
+                )
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(width), width, lists, faiss.METRIC_INNER_PRODUCT)
+            index.cp.max_points_per_centroid = 64  # k-means on a sample: minutes -> seconds at 1M items
+            index.train(vectors)
+            index.nprobe = ivf_probes
+        case _:
+            raise UserError(f"unknown index kind {kind!r}; use {', '.join(KINDS)}", where="serve.index")
+    index.add(vectors)
+    return index
+
+
+def settings_of(serve: ServeConfig, kind: str | None = None) -> dict:
+    """The build parameters that define an index of `kind` (default: serve.index)."""
+    kind = kind or serve.index
+    params = {
+        "exact": {},
+        "hnsw": {
+            "hnsw_m": serve.hnsw_m,
+            "hnsw_ef_construction": serve.hnsw_ef_construction,
+            "hnsw_ef_search": serve.hnsw_ef_search,
+        },
+        "ivf": {"ivf_lists": serve.ivf_lists, "ivf_probes": serve.ivf_probes},
+    }
+    if kind not in params:
+        raise UserError(f"unknown index kind {kind!r}; use {', '.join(KINDS)}", where="serve.index")
+    return {"kind": kind, **params[kind]}
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each query's true top-k (B, k) that the approximate top-k (B, k) also found."""
+    hits = [len(set(a[a >= 0].tolist()) & set(t.tolist())) for a, t in zip(found, truth)]
+    return float(np.mean(hits) / truth.shape[1])
+
+
+class _ReadWriteLock:
+    """Many searches at once, or one add alone; waiting adds go first so they are never starved."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._writers = 0  # waiting or writing
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: self._writers == 0)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                self._condition.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._condition:
+            self._writers += 1
+            self._condition.wait_for(lambda: self._readers == 0)
+        try:
+            yield  # callers serialise their writes themselves (see ItemIndex.add)
+        finally:
+            with self._condition:
+                self._writers -= 1
+                self._condition.notify_all()
+
+
+class ItemIndex:
+    """A faiss index over catalogue rows 1.. that grows (cold-start items) while it is searched.
+
+    faiss may not be searched while it is being added to, so searches share a read lock and adds
+    take the write lock: a search sees the index wholly before or wholly after an add.
+    """
+
+    def __init__(self, index: faiss.Index) -> None:
+        self._index = index
+        self._lock = _ReadWriteLock()
+        self._add_lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        """Indexed rows (PAD excluded)."""
+        return self._index.ntotal
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (B, k) and catalogue rows (B, k), best first; row -1 where fewer than k were found."""
+        with self._lock.reading():
+            scores, labels = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return scores, np.where(labels >= 0, labels + 1, -1)
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Append rows (n, D) after the current last row."""
+        with self._add_lock, self._lock.writing():
+            self._index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def index_path(artifact: Artifact, kind: str) -> Path:
+    return artifact.folder / f"index-{kind}.faiss"
+
+
+def open_index(artifact: Artifact, settings: dict, *, save: bool = True) -> faiss.Index:
+    """The artifact's saved index when it was built with `settings` from these embeddings, else a new one."""
+    path = index_path(artifact, settings["kind"])
+    expected = {
+        **settings,
+        "items": len(artifact.embeddings) - 1,
+        "embeddings_sha256": artifact.manifest["files"]["embeddings.npy"]["sha256"],
+    }
+    meta = path.with_suffix(".json")
+    if path.is_file() and meta.is_file() and json.loads(meta.read_text(encoding="utf-8")) == expected:
+        index = faiss.read_index(str(path))
+        if index.ntotal == expected["items"]:
+            return index
+    build = {key: value for key, value in settings.items() if key != "kind"}
+    index = build_index(artifact.embeddings[1:], settings["kind"], **build)
+    if save and settings["kind"] != "exact":  # an exact index is as fast to rebuild as to read
+        atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
+        write_json(meta, expected)
+    return index
+
+
+def held_out_queries(artifact: Artifact) -> np.ndarray:
+    """User LLM predictions (B, D) for the artifact's sample histories: queries no index was built on."""
+    lookup = {raw: row for row, raw in enumerate(artifact.item_ids) if row}
+    histories = [[lookup[i] for i in history if i in lookup] for history in artifact.histories]
+    histories = [h for h in histories if h]
+    if not histories:
+        raise UserError(
+            "the artifact holds no sample histories to test an index with", where=str(artifact.folder)
+        )
+    return encode_histories(artifact, [artifact.embeddings[h] for h in histories])
+
+
+def index_artifact(artifact: Artifact, kind: str) -> dict:
+    """Build (and save) the `kind` index of an artifact; recall@10 and query time against exact search."""
+    settings = settings_of(artifact.config.serve, kind)
+    queries = held_out_queries(artifact)
+    start = time.perf_counter()
+    index = open_index(artifact, settings)
+    build_seconds = time.perf_counter() - start
+    exact = build_index(artifact.embeddings[1:], "exact")
+    k = min(RECALL_K, exact.ntotal)
+    report = {**settings, "items": exact.ntotal, "queries": len(queries), "build_s": round(build_seconds, 2)}
+    found = {}
+    for name, searched in (("exact", exact), (kind, index)):
+        start = time.perf_counter()
+        found[name] = np.stack(
+            [searched.search(q[None], k)[1][0] for q in queries]
+        )  # one query per call, as served
+        report[f"{name}_ms_per_query"] = round(1000 * (time.perf_counter() - start) / len(queries), 3)
+    report[f"recall@{RECALL_K}"] = recall_at_k(found[kind], found["exact"])
+    return report
