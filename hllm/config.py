@@ -188,7 +188,7 @@ class ServeConfig:
     hnsw_ef_search: int = 128
     """HNSW search width per query (more: better recall, slower)."""
     ivf_lists: int = 0
-    """IVF clusters; 0 = 4 * sqrt(items), capped at 65536."""
+    """IVF clusters; 0 = sqrt(items), capped at 65536."""
     ivf_probes: int = 32
     """IVF clusters visited per query (more: better recall, slower)."""
     host: str = "127.0.0.1"

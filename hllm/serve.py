@@ -80,7 +80,7 @@ class Catalogue:
     def add(self, raw_id: str, fields: dict[str, Value], text: str, vector: np.ndarray) -> None:
         """Persist first (a failed write changes nothing), then make the item searchable."""
         with self._write_lock:
-            if raw_id in self._lookup:
+            if raw_id in self._lookup or raw_id == self.ids[0]:  # ids[0] is the padding row's
                 raise HTTPException(409, f"item {raw_id!r} already exists; use a new id")
             title = str(next((fields[k] for k in ("title", "movie_title", "name") if k in fields), raw_id))
             item = {"id": raw_id, "title": title, "text": text, "fields": fields}
@@ -273,7 +273,7 @@ def create_app(artifact: Artifact) -> FastAPI:
         catalogue.add(item.id, item.fields, text, encode_texts(artifact, [text])[0])
         return {"id": item.id, "items": catalogue.size}
 
-    @app.get("/items/{item_id}")
+    @app.get("/items/{item_id:path}")  # ids may hold "/" (sent as %2F)
     def get_item(item_id: str) -> dict:
         """An item's title, rendered text and (for cold-start items) the fields it was added with."""
         if (row := catalogue.row(item_id)) is None:

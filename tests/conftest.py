@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from hllm.config import DataConfig
+from hllm.config import DataConfig, load_config
 from hllm.data.dataset import SequenceData, prepare_dataset
+from hllm.export import export_run
+from hllm.train import fit
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SMALL_USERS = 50
@@ -99,3 +102,22 @@ def tiny_overrides(data_folder: Path, out_dir: Path, **extra: object) -> list[st
     }
     values.update({key.replace("__", "."): value for key, value in extra.items()})
     return [f"{key}={value}" for key, value in values.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(cycle_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real 4-step run of the tiny config (tiny BERT items, tiny Llama user) on the cycle data."""
+    out = tmp_path_factory.mktemp("serve-runs")
+    fit(load_config(None, [*tiny_overrides(cycle_data, out), "train.max_steps=4", "train.epochs=1"]))
+    return out / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run's artifact; tests that change an artifact copy it first."""
+    return export_run(tiny_run, tmp_path_factory.mktemp("artifacts") / "tiny")
+
+
+def copy_artifact(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target

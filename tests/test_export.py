@@ -3,40 +3,18 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hllm.config import load_config
 from hllm.errors import UserError
 from hllm.evaluate import item_table, recommend_items
-from hllm.export import encode_histories, encode_texts, export_run, load_artifact, read_manifest
+from hllm.export import encode_histories, encode_texts, load_artifact, read_manifest
 from hllm.runs import load_run
-from hllm.train import fit
-from tests.conftest import tiny_overrides
+from tests.conftest import copy_artifact
 from tests.test_cli import assert_one_line_error, run_cli
-
-
-@pytest.fixture(scope="session")
-def tiny_run(cycle_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real 4-step run of the tiny config (tiny BERT items, tiny Llama user) on the cycle data."""
-    out = tmp_path_factory.mktemp("serve-runs")
-    fit(load_config(None, [*tiny_overrides(cycle_data, out), "train.max_steps=4", "train.epochs=1"]))
-    return out / "tiny"
-
-
-@pytest.fixture(scope="session")
-def tiny_artifact(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run's artifact; tests that change an artifact copy it first."""
-    return export_run(tiny_run, tmp_path_factory.mktemp("artifacts") / "tiny")
-
-
-def copy_artifact(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target)
-    return target
 
 
 def test_artifact_reproduces_the_runs_item_table_and_recommendations(tiny_run, tiny_artifact):

@@ -48,6 +48,31 @@ MODELS = {
         *HLLM_FROZEN,
     ],
 }
+# Item-id baselines: a full softmax by default (much stronger than the original BCE), no shared bank.
+ID_RECIPE = [
+    "train.num_negatives=0",
+    "train.warmup=0",
+    "train.batch_size=128",
+    "train.lr=2e-3",
+    "train.epochs=40",
+    "train.patience=5",
+]
+MODELS |= {
+    "sasrec-ce": ["model.kind=sasrec", "model.id.loss=full", *ID_RECIPE],
+    "sasrec-sampled": ["model.kind=sasrec", "model.id.loss=sampled", *ID_RECIPE, "train.num_negatives=256"],
+    "sasrec-bce": ["model.kind=sasrec", "model.id.loss=bce", *ID_RECIPE],
+    "hstu": ["model.kind=hstu", "model.id.loss=full", *ID_RECIPE],
+}
+# The baselines' small search: each setting trains seed 0 and is judged on validation only; the best
+# one is then used for every seed (and its seed-0 run is that seed's record).
+TUNING_GRID = [
+    [],
+    ["model.id.hidden_size=128"],
+    ["train.lr=5e-4"],
+    ["model.id.dropout=0.3"],
+    ["data.max_history=200"],
+]
+TUNED = ("sasrec-ce", "sasrec-sampled", "sasrec-bce", "hstu")
 QUICK = [
     "model.item.backbone=tiny-bert",
     "model.user.backbone=tiny-llama",
@@ -74,12 +99,12 @@ def dataset_source(name: str) -> tuple[str, list[str]]:
 
 
 def record_config(
-    dataset: str, model: str, seed: int, out: Path, *, quick: bool, extra: list[str]
+    dataset: str, model: str, seed: int, out: Path, *, quick: bool, extra: list[str], tag: str = ""
 ) -> RunConfig:
     if model not in MODELS:
         raise UserError(f"unknown model {model!r}: use {', '.join(MODELS)}", where="--models")
     path, data_overrides = dataset_source(dataset)
-    name = f"{Path(dataset).name}-{model}-s{seed}"
+    name = f"{Path(dataset).name}-{model}{'-' + tag if tag else ''}-s{seed}"
     overrides = [
         *BASE,
         f"data.path={path}",
@@ -136,12 +161,50 @@ def run_bench(
     results_path = out / "results.json"
     records = json.loads(results_path.read_text()) if results_path.exists() else []
     done = {(r["dataset"], r["model"], r["seed"]) for r in records}
+    extra = extra or []
     for dataset in datasets:
         for model in models:
-            for seed in range(seeds):
-                if (dataset, model, seed) in done:
-                    continue
-                config = record_config(dataset, model, seed, out, quick=quick, extra=extra or [])
-                records.append(run_record(config, dataset, model, seed) | {"quick": quick})
+            missing = [seed for seed in range(seeds) if (dataset, model, seed) not in done]
+            best = tune(dataset, model, out, quick=quick, extra=extra) if missing and model in TUNED else None
+            for seed in missing:
+                if best is not None and seed == 0:
+                    record = {key: value for key, value in best.items() if key != "overrides"}
+                else:
+                    chosen, tag = (best["overrides"], best["tuning"]["tag"]) if best else ([], "")
+                    config = record_config(
+                        dataset, model, seed, out, quick=quick, extra=[*chosen, *extra], tag=tag
+                    )
+                    record = run_record(config, dataset, model, seed) | {"quick": quick}
+                    if best is not None:
+                        record["tuning"] = best["tuning"]
+                records.append(record)
                 write_json(results_path, records)
     return records
+
+
+def tune(dataset: str, model: str, out: Path, *, quick: bool, extra: list[str]) -> dict:
+    """Every TUNING_GRID setting of `model` trained with seed 0 (kept in `out/tuning.json`, resumable);
+    returns the record of the best one on validation eval.metric, with a `tuning` summary."""
+    path = out / "tuning.json"
+    trials = json.loads(path.read_text()) if path.exists() else []
+    for index, overrides in enumerate(TUNING_GRID):
+        key = (dataset, model, overrides)
+        if any((t["dataset"], t["model"], t["overrides"]) == key for t in trials):
+            continue
+        tag = f"t{index}"
+        config = record_config(dataset, model, 0, out, quick=quick, extra=[*overrides, *extra], tag=tag)
+        record = run_record(config, dataset, model, 0) | {"quick": quick, "overrides": overrides, "tag": tag}
+        trials.append(record)
+        write_json(path, trials)
+    mine = [
+        t for t in trials if (t["dataset"], t["model"]) == (dataset, model) and t["overrides"] in TUNING_GRID
+    ]
+    metric = mine[0]["config"]["eval"]["metric"]
+    best = max(mine, key=lambda t: t["valid"][metric])
+    summary = {
+        "selected_on": f"valid {metric}",
+        "chosen": best["overrides"],
+        "tag": best["tag"],
+        "trials": {" ".join(t["overrides"]) or "recipe": round(t["valid"][metric], 4) for t in mine},
+    }
+    return {key: value for key, value in best.items() if key != "tag"} | {"tuning": summary}

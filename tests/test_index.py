@@ -1,0 +1,172 @@
+"""faiss indexes: exact equals brute force, HNSW/IVF reach the recall they promise, adds under searches."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import hllm.index
+from hllm.config import ServeConfig
+from hllm.errors import UserError
+from hllm.export import load_artifact
+from hllm.index import (
+    ItemIndex,
+    build_index,
+    index_artifact,
+    index_path,
+    open_index,
+    recall_at_k,
+    settings_of,
+)
+from tests.conftest import copy_artifact
+
+ITEMS, WIDTH, QUERIES, K = 2000, 32, 200, 10
+
+
+def normalised(rng: np.random.Generator, n: int, width: int = WIDTH) -> np.ndarray:
+    vectors = rng.standard_normal((n, width)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def catalogue() -> tuple[np.ndarray, np.ndarray]:
+    """2,000 random unit vectors and 200 unit queries."""
+    rng = np.random.default_rng(0)
+    return normalised(rng, ITEMS), normalised(rng, QUERIES)
+
+
+@pytest.fixture(scope="module")
+def exact_top(catalogue) -> np.ndarray:
+    vectors, queries = catalogue
+    return build_index(vectors, "exact").search(queries, K)[1]
+
+
+def test_exact_equals_numpy_brute_force(catalogue, exact_top):
+    vectors, queries = catalogue
+    scores = queries @ vectors.T  # (B, N)
+    truth = np.argsort(-scores, axis=1, kind="stable")[:, :K]
+    found_scores, found = build_index(vectors, "exact").search(queries, K)
+    np.testing.assert_allclose(found_scores, np.take_along_axis(scores, truth, axis=1), atol=1e-5)
+    # Labels agree wherever the scores are not tied (random floats: everywhere).
+    assert (found == truth).mean() > 0.999
+    assert recall_at_k(exact_top, truth) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_indexes_reach_recall_090(catalogue, exact_top, kind):
+    vectors, queries = catalogue
+    index = build_index(vectors, kind)
+    assert index.ntotal == ITEMS
+    scores, found = index.search(queries, K)
+    assert recall_at_k(found, exact_top) >= 0.9
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+
+
+def test_recall_at_k_by_hand():
+    found = np.array([[1, 2, 3], [4, 5, -1]])
+    truth = np.array([[1, 2, 9], [6, 5, 4]])
+    assert recall_at_k(found, truth) == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert recall_at_k(truth, truth) == 1.0
+    assert recall_at_k(np.full((2, 3), -1), truth) == 0.0  # "not found" (-1) is never a hit
+
+
+def test_unknown_kind_and_too_many_ivf_lists_are_user_errors(catalogue):
+    vectors, _ = catalogue
+    with pytest.raises(UserError, match="unknown index kind 'annoy'"):
+        build_index(vectors, "annoy")
+    with pytest.raises(UserError, match="unknown index kind 'annoy'"):
+        settings_of(ServeConfig(), "annoy")
+    with pytest.raises(UserError, match="serve.ivf_lists"):
+        build_index(vectors[:10], "ivf", ivf_lists=20)
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_added_vector_is_found_and_size_grows(catalogue, kind):
+    vectors, _ = catalogue
+    index = ItemIndex(build_index(vectors, kind))
+    assert index.size == ITEMS
+    new = normalised(np.random.default_rng(1), 1)
+    index.add(new)
+    assert index.size == ITEMS + 1
+    scores, rows = index.search(new, 3)
+    assert rows[0, 0] == ITEMS + 1  # catalogue row = label + 1 (row 0 is PAD)
+    assert scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_searches_stay_consistent_while_vectors_are_added(catalogue):
+    """Searches share the index with one thread adding: every answer is complete and ordered."""
+    vectors, queries = catalogue
+    start = 300
+    index = ItemIndex(build_index(vectors[:start], "hnsw", hnsw_ef_search=32))
+    extra = normalised(np.random.default_rng(2), 2000)
+    problems: list[str] = []
+    searches = [0, 0, 0]
+    adding = threading.Event()
+    adding.set()
+    together = threading.Barrier(4, timeout=30)  # all four threads start at once
+
+    def add() -> None:
+        together.wait()
+        try:
+            for i in range(0, len(extra), 50):
+                index.add(extra[i : i + 50])
+        finally:
+            adding.clear()
+
+    def search(offset: int) -> None:
+        together.wait()
+        for n in range(2000):  # bounded: stops at 2,000 searches even if the adder is still busy
+            query = queries[(offset + n) % len(queries)][None]
+            scores, rows = index.search(query, K)
+            size = index.size
+            searches[offset] += 1
+            if not ((rows >= 1) & (rows <= size)).all():
+                problems.append(f"rows {rows.tolist()} outside 1..{size}")
+            if len(set(rows[0].tolist())) < K:
+                problems.append(f"a row twice: {rows.tolist()}")
+            if (np.diff(scores[0]) > 1e-6).any():
+                problems.append(f"scores not best first: {scores.tolist()}")
+            if not adding.is_set() and n > 20:
+                break
+
+    threads = [threading.Thread(target=add), *(threading.Thread(target=search, args=(t,)) for t in range(3))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung (lock never released?)"
+    assert not problems, problems[:5]
+    assert min(searches) > 20
+    assert index.size == start + len(extra)
+    scores, rows = index.search(extra[-1:], 1)
+    assert rows[0, 0] == start + len(extra) and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_index_artifact_reports_recall_and_saves_an_index_open_index_reuses(
+    tiny_artifact,
+    tmp_path,
+    monkeypatch,
+):
+    artifact = load_artifact(copy_artifact(tiny_artifact, tmp_path / "a"))
+    report = index_artifact(artifact, "hnsw")
+    assert 0.0 <= report["recall@10"] <= 1.0
+    assert report["kind"] == "hnsw" and report["items"] == 12 and report["queries"] > 0
+    path = index_path(artifact, "hnsw")
+    assert path.is_file() and path.with_suffix(".json").is_file()
+    stamp = path.stat().st_mtime_ns
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the saved index should have been read, not rebuilt")
+
+    settings = settings_of(artifact.config.serve, "hnsw")
+    with monkeypatch.context() as patch:
+        patch.setattr(hllm.index, "build_index", no_build)
+        index = open_index(artifact, settings)
+    assert index.ntotal == 12 and path.stat().st_mtime_ns == stamp
+    # Other settings define another index: it is rebuilt (and saved over the old one).
+    rebuilt = open_index(artifact, {**settings, "hnsw_m": 8})
+    assert rebuilt.ntotal == 12
+    with pytest.raises(UserError, match="unknown index kind"):
+        index_artifact(artifact, "annoy")
