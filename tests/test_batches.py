@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from hllm.data.batches import TrainBatches, eval_batches, training_items, training_windows
+from hllm.data.batches import TrainBatches, eval_batches, left_pad, training_items, training_windows
 from hllm.data.text import ItemTokens
 
 
@@ -78,3 +78,9 @@ def test_eval_batches_hold_out_last_items():
     assert valid.history.tolist() == [[1, 2], [0, 5]]
     assert test.seen.tolist() == [[1, 2, 3], [0, 5, 6]]
     assert sorted(training_items(data).tolist()) == [1, 2, 5]
+
+
+def test_left_pad_is_as_wide_as_the_longest_row_up_to_the_cap():
+    rows = [np.array([1, 2, 3]), np.array([4])]
+    np.testing.assert_array_equal(left_pad(rows, 50), [[1, 2, 3], [0, 0, 4]])
+    np.testing.assert_array_equal(left_pad(rows, 2), [[2, 3], [0, 4]])  # the most recent items kept

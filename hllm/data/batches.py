@@ -29,7 +29,7 @@ def _move(obj, device):
 class TrainBatch:
     """B windows of L+1 consecutive items (left-padded with PAD); position j predicts item j+1."""
 
-    items: Tensor  # (B, L+1) item ids
+    items: Tensor  # (B, L+1) item ids; L+1 = the longest window of the batch, at most max_history + 1
     mask: Tensor  # (B, L) bool: input j is a real item (so is its target j+1)
     negatives: Tensor  # (K,) item ids shared by every position of the batch
     batch_items: Tensor  # (U,) distinct real item ids of `items` and `negatives`, sorted
@@ -56,8 +56,10 @@ class EvalBatch:
         return _move(self, device)
 
 
-def left_pad(rows: list[np.ndarray], width: int, *, dtype: type = np.int64) -> np.ndarray:
-    """Stack the last `width` items of each row, right-aligned, PAD on the left."""
+def left_pad(rows: list[np.ndarray], max_width: int, *, dtype: type = np.int64) -> np.ndarray:
+    """Stack the last `max_width` items of each row, right-aligned, PAD on the left; the width is the
+    longest row's (at most `max_width`), so short-history data (Amazon) does not pay for padding."""
+    width = min(max_width, max((len(row) for row in rows), default=0))
     out = np.full((len(rows), width), PAD_ID, dtype=dtype)
     for i, row in enumerate(rows):
         row = row[-width:]
