@@ -199,8 +199,10 @@ class ServeConfig:
     """Largest k a request may ask for."""
     max_body_bytes: int = 1_000_000
     """Larger request bodies are refused with 413."""
-    torch_threads: int = 1
-    """Torch threads per request in the server (requests already run in parallel; 0 = torch's default)."""
+    torch_threads: int = 0
+    """Torch threads of the server's model passes (0 = torch's default, one per core)."""
+    max_batch: int = 64
+    """Most waiting /recommend requests answered by one User LLM pass and one index search."""
 
 
 @dataclass
@@ -237,6 +239,7 @@ class RunConfig:
             ("serve.port", self.serve.port),
             ("serve.max_k", self.serve.max_k),
             ("serve.max_body_bytes", self.serve.max_body_bytes),
+            ("serve.max_batch", self.serve.max_batch),
         ):
             if value < 1:
                 raise UserError(f"must be at least 1, got {value}", where=key)

@@ -60,8 +60,8 @@ def rank_users(
     batch_size: int,
     max_history: int,
 ) -> Tensor:
-    """1-based rank of every user's target among all items, history items masked -> (U,)."""
-    ranks = []
+    """1-based rank of every user's target among all items, history items masked -> (U,) in user order."""
+    ranks = torch.zeros(data.num_users, dtype=torch.long)
     for batch in eval_batches(data, split, batch_size=batch_size, max_history=max_history):
         batch = batch.to(table.device)
         # Only models that read time (HSTU's time bias) get the history's timestamps.
@@ -70,14 +70,14 @@ def rank_users(
         scores = users.float() @ table.float().T  # (B, N)
         mask_history(scores, batch.seen, batch.targets)
         try:
-            ranks.append(target_ranks(scores, batch.targets))
+            ranks[batch.users.cpu()] = target_ranks(scores, batch.targets).cpu()
         except ValueError as err:
             raise UserError(
                 f"{err}; the model produced non-finite scores (diverged or a fully masked "
                 "attention row); check the learning rate and precision",
                 where=f"{split} users {int(batch.users[0])}..{int(batch.users[-1])}",
             ) from None
-    return torch.cat(ranks)
+    return ranks
 
 
 def evaluate(

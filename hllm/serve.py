@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
+from hllm.batcher import Batcher
 from hllm.errors import UserError
 from hllm.export import Artifact, encode_histories, encode_texts, render_text
 from hllm.files import atomic_write
@@ -237,6 +238,14 @@ def create_app(artifact: Artifact) -> FastAPI:
     app.add_exception_handler(UserError, lambda _, err: JSONResponse({"detail": str(err)}, 422))
     max_history = artifact.config.data.max_history
 
+    def answer(jobs: list[tuple[np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One User LLM pass and one index search for every waiting (history vectors (L, D), k)."""
+        queries = encode_histories(artifact, [vectors for vectors, _ in jobs])  # (B, D)
+        scores, found = catalogue.index.search(queries, max(k for _, k in jobs))  # (B, k_max) each
+        return [(scores[i, :k], found[i, :k]) for i, (_, k) in enumerate(jobs)]
+
+    batcher = Batcher(answer, max_batch=serve.max_batch)
+
     @app.post("/recommend")
     def recommend(request: RecommendRequest) -> dict:
         """Top-k items for a history of known ids (`history`) or of unknown items' fields (`history_text`).
@@ -256,12 +265,11 @@ def create_app(artifact: Artifact) -> FastAPI:
             used = len(request.history_text)
             texts = [_item_text(artifact, fields) for fields in request.history_text[-max_history:]]
             vectors = encode_texts(artifact, texts)
-        query = encode_histories(artifact, [vectors])
         excluded = set(rows) if request.exclude_history else set()
-        scores, found = catalogue.index.search(query, request.k + len(excluded))
+        scores, found = batcher((vectors, request.k + len(excluded)))
         items = [
             {"id": catalogue.ids[r], "title": catalogue.titles[r], "score": float(s)}
-            for s, r in zip(scores[0], found[0])
+            for s, r in zip(scores, found)
             if r > 0 and r not in excluded
         ][: request.k]
         return {"items": items, "unknown": unknown, "truncated": max(0, used - max_history)}
@@ -293,7 +301,8 @@ def create_app(artifact: Artifact) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> str:
         """Request counts and latency quantiles per route, in Prometheus text format."""
-        return metrics.prometheus({"hllm_catalogue_items": catalogue.size})
+        gauges = {"hllm_catalogue_items": catalogue.size, "hllm_model_passes": batcher.batches}
+        return metrics.prometheus(gauges | {"hllm_model_pass_requests": batcher.jobs})
 
     return app
 

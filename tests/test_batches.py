@@ -73,10 +73,11 @@ def test_eval_batches_hold_out_last_items():
     data = toy([[1, 2, 3, 4], [5, 6, 7]])
     valid = next(eval_batches(data, "valid", batch_size=8, max_history=2))
     test = next(eval_batches(data, "test", batch_size=8, max_history=2))
-    assert valid.targets.tolist() == [3, 6]
-    assert test.targets.tolist() == [4, 7]
-    assert valid.history.tolist() == [[1, 2], [0, 5]]
-    assert test.seen.tolist() == [[1, 2, 3], [0, 5, 6]]
+    assert valid.users.tolist() == test.users.tolist() == [1, 0]  # shortest history first
+    assert valid.targets.tolist() == [6, 3]
+    assert test.targets.tolist() == [7, 4]
+    assert valid.history.tolist() == [[0, 5], [1, 2]]
+    assert test.seen.tolist() == [[0, 5, 6], [1, 2, 3]]
     assert sorted(training_items(data).tolist()) == [1, 2, 5]
 
 

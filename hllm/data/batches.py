@@ -171,10 +171,14 @@ def target_positions(data: SequenceData, split: Literal["valid", "test"]) -> np.
 
 
 def eval_batches(data: SequenceData, split: Literal["valid", "test"], *, batch_size: int, max_history: int):
-    """Yield EvalBatch chunks over all users: history = everything before the split's target."""
+    """Yield EvalBatch chunks over all users: history = everything before the split's target.
+
+    Users come shortest history first, so each chunk holds like lengths and pads little.
+    """
     target_pos = target_positions(data, split)
+    by_length = np.argsort(target_pos - data.offsets[:-1], kind="stable")  # (U,)
     for first in range(0, data.num_users, batch_size):
-        users = np.arange(first, min(first + batch_size, data.num_users))
+        users = by_length[first : first + batch_size]
         seen = [data.items[data.offsets[u] : target_pos[u]] for u in users]
         width = max(len(s) for s in seen)
         times = None
