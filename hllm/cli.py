@@ -260,6 +260,7 @@ def bench(
 @bench_app.command("serve")
 def bench_serve(
     artifact: Annotated[Path, typer.Argument(help="An artifact written by hllm export.")],
+    overrides: Overrides = None,
     sizes: Annotated[
         str, typer.Option(help="Catalogue sizes (real + synthetic items).")
     ] = "10000,100000,1000000",
@@ -281,7 +282,7 @@ def bench_serve(
 
     command = " ".join(["hllm", *sys.argv[1:]])
     kwargs = dict(kinds=kinds.split(","), clients=numbers(clients), seconds=seconds, report=report)
-    records = run(artifact, out, sizes=numbers(sizes), **kwargs, command=command)
+    records = run(artifact, out, sizes=numbers(sizes), **kwargs, overrides=overrides or [], command=command)
     typer.echo(f"{len(records)} measurements in {out / 'serve.json'}; table in {report}")
 
 

@@ -68,6 +68,8 @@ def test_baselines_are_tuned_on_validation_and_the_best_setting_is_used_for_ever
     assert records[1]["config"]["name"].endswith(f"{best['tag']}-s1")
     assert len(records[1]["tuning"]["trials"]) == len(TUNING_GRID)
 
+    assert "sasrec-ce: valid ndcg@10 of `recipe`" in (tmp_path / "report.md").read_text()
+
     # A rerun trains nothing: every trial and record is already there.
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and json.loads((tmp_path / "tuning.json").read_text()) == trials

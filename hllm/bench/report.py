@@ -40,6 +40,17 @@ def results_table(models: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def tuning_lines(models: dict[str, list[dict]]) -> list[str]:
+    """One line per tuned model: each trial's validation score and the setting every seed used."""
+    lines = []
+    for model, runs in models.items():
+        if tuning := runs[0].get("tuning"):
+            trials = ", ".join(f"`{name}` {score:.4f}" for name, score in tuning["trials"].items())
+            chosen = " ".join(tuning["chosen"]) or "recipe"
+            lines.append(f"- {model}: {tuning['selected_on']} of {trials}; chosen: `{chosen}`")
+    return ["Baselines tuned on validation only:", "", *lines, ""] if lines else []
+
+
 def plot_metrics(dataset: str, models: dict[str, list[dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(models), 3.2))
     width = 0.8 / 2
@@ -96,6 +107,7 @@ def write_report(records: list[dict], out: Path, *, metric: str = "ndcg@10") -> 
             "",
             results_table(models),
             "",
+            *tuning_lines(models),
             f"![test metrics]({slug}-metrics.png) ![validation]({slug}-valid.png)",
             "",
         ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import shutil
 import socket
@@ -72,10 +73,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(folder: Path, kind: str, *, timeout: float = STARTUP_S) -> tuple[subprocess.Popen, str]:
+def start_server(
+    folder: Path, kind: str, *, overrides: list[str] = (), timeout: float = STARTUP_S
+) -> tuple[subprocess.Popen, str]:
     """`hllm serve` in a subprocess on a free port; returns once /health answers (or fails)."""
     port = free_port()
-    command = [sys.executable, "-m", "hllm", "serve", str(folder), f"serve.index={kind}", "--port", str(port)]
+    command = [sys.executable, "-m", "hllm", "serve", str(folder), f"serve.index={kind}", *overrides]
+    command += ["--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
@@ -137,52 +141,60 @@ def bench_serve(
     clients: list[int],
     seconds: float,
     report: Path | None = None,
+    overrides: list[str] = (),
     command: str = "hllm bench serve",
 ) -> list[dict]:
-    """Every (size, kind, clients) against the real server -> out/serve.json (+ the `report` section)."""
+    """Every (size, kind, clients) against the real server, added to out/serve.json (a rerun with the
+    same settings replaces its rows) and to the `report` section; `overrides` are serve.* settings for
+    both the recall check and the server."""
     histories = load_artifact(artifact, verify=False).histories
-    records = []
+    path = out / "serve.json"
+    records = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
     for size in sizes:
         folder = scale_artifact(Path(artifact), out / f"catalogue-{size}", size)
         for kind in kinds:
-            built = index_artifact(load_artifact(folder), kind)  # builds and saves the index the server reads
-            process, url = start_server(folder, kind)
+            # builds and saves the index the server then reads
+            built = index_artifact(load_artifact(folder, list(overrides)), kind)
+            settings = {key: value for key, value in built.items() if key.startswith(("hnsw", "ivf"))}
+            process, url = start_server(folder, kind, overrides=list(overrides))
             try:
                 for level in clients:
                     result = asyncio.run(drive(url, histories, clients=level, seconds=seconds))
-                    records.append(
-                        {
-                            "items": size,
-                            "index": kind,
-                            "recall@10": built["recall@10"],
-                            "build_s": built["build_s"],
-                            **result,
-                        }
-                    )
-                    print(json.dumps(records[-1]), flush=True)
+                    row = {"items": size, "index": kind, "settings": settings, **result, "command": command}
+                    row |= {"recall@10": built["recall@10"], "build_s": built["build_s"]}
+                    same = ("items", "index", "settings", "clients")
+                    records = [r for r in records if any(r.get(key) != row[key] for key in same)] + [row]
+                    write_json(path, records)
+                    print(json.dumps(row), flush=True)
             finally:
                 process.terminate()
                 process.wait(timeout=30)
         shutil.rmtree(folder, ignore_errors=True)
-    write_json(out / "serve.json", records)
     if report is not None:
-        write_benchmarks_section(report, serving_section(records, command))
+        write_benchmarks_section(report, serving_section(records))
     return records
 
 
-def serving_section(records: list[dict], command: str) -> str:
-    """The Markdown table of a serving benchmark, with the command and machine that produced it."""
+def serving_section(records: list[dict]) -> str:
+    """The Markdown table of serving benchmarks, with the commands and machine that produced them."""
     rows = [
         "| items | index | recall@10 | clients | requests | req/s | p50 ms | p95 ms | p99 ms | errors |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in records:
+    order = {"exact": 0, "hnsw": 1, "ivf": 2}
+
+    def place(r: dict) -> tuple:
+        return r["items"], order[r["index"]], str(r.get("settings")), r["clients"]
+
+    for r in sorted(records, key=place):
+        index = r["index"] + "".join(f" {k.split('_', 1)[1]}={v}" for k, v in r.get("settings", {}).items())
         rows.append(
-            f"| {r['items']:,} | {r['index']} | {r['recall@10']:.3f} | {r['clients']} | {r['requests']} | "
+            f"| {r['items']:,} | {index} | {r['recall@10']:.3f} | {r['clients']} | {r['requests']} | "
             f"{r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |"
         )
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}"
-    return "\n".join([f"`{command}` on {machine}:", "", *rows, ""])
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    commands = [f"    {c}" for c in dict.fromkeys(r.get("command", "hllm bench serve") for r in records)]
+    return "\n".join([f"On {machine}, from:", "", *commands, "", *rows, ""])
 
 
 def write_benchmarks_section(path: Path, body: str) -> None:
