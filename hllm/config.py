@@ -183,14 +183,14 @@ class ServeConfig:
     """Nearest-item search: exact inner product, or approximate HNSW / IVF for large catalogues."""
     hnsw_m: int = 32
     """HNSW links per node (more: better recall, more memory, slower build)."""
-    hnsw_ef_construction: int = 64
+    hnsw_ef_construction: int = 128
     """HNSW search width while building."""
-    hnsw_ef_search: int = 128
-    """HNSW search width per query (more: better recall, slower)."""
+    hnsw_ef_search: int = 512
+    """HNSW search width per query (more: better recall, slower; set per query, no rebuild)."""
     ivf_lists: int = 0
     """IVF clusters; 0 = sqrt(items), capped at 65536."""
     ivf_probes: int = 32
-    """IVF clusters visited per query (more: better recall, slower)."""
+    """IVF clusters visited per query (more: better recall, slower; set per query, no rebuild)."""
     host: str = "127.0.0.1"
     """Address `hllm serve` listens on."""
     port: int = 8000

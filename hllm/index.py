@@ -26,6 +26,7 @@ from hllm.files import atomic_write, write_json
 IndexKind = Literal["exact", "hnsw", "ivf"]
 KINDS = ("exact", "hnsw", "ivf")
 RECALL_K = 10
+QUERY_TIME = {"hnsw_ef_search": "efSearch", "ivf_probes": "nprobe"}  # setting -> faiss parameter
 
 
 def build_index(
@@ -158,7 +159,7 @@ def open_index(artifact: Artifact, settings: dict, *, save: bool = True) -> fais
     """The artifact's saved index when it was built with `settings` from these embeddings, else a new one."""
     path = index_path(artifact, settings["kind"])
     expected = {
-        **settings,
+        **{key: value for key, value in settings.items() if key not in QUERY_TIME},
         "items": len(artifact.embeddings) - 1,
         "embeddings_sha256": artifact.manifest["files"]["embeddings.npy"]["sha256"],
     }
@@ -166,6 +167,9 @@ def open_index(artifact: Artifact, settings: dict, *, save: bool = True) -> fais
     if path.is_file() and meta.is_file() and json.loads(meta.read_text(encoding="utf-8")) == expected:
         index = faiss.read_index(str(path))
         if index.ntotal == expected["items"]:
+            for key, name in QUERY_TIME.items():
+                if key in settings:  # a search-time knob: set it on the saved index, no rebuild
+                    faiss.ParameterSpace().set_index_parameter(index, name, settings[key])
             return index
     build = {key: value for key, value in settings.items() if key != "kind"}
     index = build_index(artifact.embeddings[1:], settings["kind"], **build)

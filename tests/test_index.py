@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import faiss
 import numpy as np
 import pytest
 
@@ -164,7 +165,10 @@ def test_index_artifact_reports_recall_and_saves_an_index_open_index_reuses(
     with monkeypatch.context() as patch:
         patch.setattr(hllm.index, "build_index", no_build)
         index = open_index(artifact, settings)
+        # The search width is set per query: a new one reuses the saved graph.
+        wider = open_index(artifact, {**settings, "hnsw_ef_search": 777})
     assert index.ntotal == 12 and path.stat().st_mtime_ns == stamp
+    assert faiss.downcast_index(wider).hnsw.efSearch == 777
     # Other settings define another index: it is rebuilt (and saved over the old one).
     rebuilt = open_index(artifact, {**settings, "hnsw_m": 8})
     assert rebuilt.ntotal == 12

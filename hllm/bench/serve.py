@@ -34,8 +34,10 @@ CHUNK = 100_000
 def scale_artifact(source: Path, folder: Path, items: int, *, seed: int = 0) -> Path:
     """A copy of `source` whose catalogue is padded to `items` with synthetic embeddings.
 
-    Each synthetic item is a random mix of two real items plus noise, normalised: it lies among
-    the real ones, so the User LLM's real predictions have realistic neighbourhoods to search.
+    Synthetic items are drawn from a Gaussian with the real embeddings' mean and covariance, then
+    normalised: they spread like the real ones. (Mixing a few real items plus noise instead makes
+    hundreds of near-copies of each real item, ties no real catalogue has, and no approximate
+    index tells such ties apart.)
     """
     manifest = read_manifest(source)
     shutil.rmtree(folder, ignore_errors=True)
@@ -46,13 +48,14 @@ def scale_artifact(source: Path, folder: Path, items: int, *, seed: int = 0) -> 
     if extra < 0:
         raise UserError(f"the artifact already has {len(real) - 1} items, more than {items}", where="--sizes")
     rng = np.random.default_rng(seed)
+    mean, covariance = real[1:].mean(0), np.cov(real[1:].T)
+    factor = np.linalg.cholesky(covariance + 1e-6 * np.eye(len(covariance))).astype(np.float32)  # (D, D)
     parts = [real]
     for first in range(0, extra, CHUNK):
-        n = min(CHUNK, extra - first)
-        a, b = rng.integers(1, len(real), n), rng.integers(1, len(real), n)
-        mix = rng.uniform(0.0, 0.5, (n, 1)).astype(np.float32)
-        noise = rng.standard_normal((n, real.shape[1]), dtype=np.float32) * (0.5 / np.sqrt(real.shape[1]))
-        rows = (1 - mix) * real[a] + mix * real[b] + noise
+        rows = (
+            mean
+            + rng.standard_normal((min(CHUNK, extra - first), real.shape[1]), dtype=np.float32) @ factor.T
+        )
         parts.append(rows / np.linalg.norm(rows, axis=1, keepdims=True))
     synthetic = [f"synthetic-{i}" for i in range(extra)]
     write_catalogue(
