@@ -203,6 +203,9 @@ class ServeConfig:
     """Torch threads of the server's model passes (0 = torch's default, one per core)."""
     max_batch: int = 64
     """Most waiting /recommend requests answered by one User LLM pass and one index search."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """The User LLM pass of /recommend: bf16 autocast is ~1.4x faster on CPUs with AVX512-BF16 or AMX
+    (cosine to fp32 > 0.99999), slower on CPUs without; item embeddings stay fp32."""
 
 
 @dataclass

@@ -240,7 +240,8 @@ def create_app(artifact: Artifact) -> FastAPI:
 
     def answer(jobs: list[tuple[np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """One User LLM pass and one index search for every waiting (history vectors (L, D), k)."""
-        queries = encode_histories(artifact, [vectors for vectors, _ in jobs])  # (B, D)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=serve.precision == "bf16"):
+            queries = encode_histories(artifact, [vectors for vectors, _ in jobs])  # (B, D)
         scores, found = catalogue.index.search(queries, max(k for _, k in jobs))  # (B, k_max) each
         return [(scores[i, :k], found[i, :k]) for i, (_, k) in enumerate(jobs)]
 

@@ -369,3 +369,15 @@ def test_cold_start_items_survive_a_restart(tiny_artifact, tmp_path):
     with np.load(folder / "added.npz") as saved:  # both, in the order they were added
         assert [item["id"] for item in json.loads(str(saved["meta"]))["items"]] == ["kept", "later"]
         assert saved["embeddings"].shape[0] == 2
+
+
+def test_bf16_model_pass_ranks_like_fp32(tiny_artifact, tmp_path):
+    body = {"history": ["i3", "i4", "i5"], "k": 5}
+    answers = []
+    for precision in ("fp32", "bf16"):
+        folder = copy_artifact(tiny_artifact, tmp_path / precision)
+        with serving(folder, [f"serve.precision={precision}"]) as address:
+            answers.append(httpx.post(f"{address}/recommend", json=body, timeout=TIMEOUT).json()["items"])
+    fp32, bf16 = answers
+    assert [i["id"] for i in bf16] == [i["id"] for i in fp32]
+    np.testing.assert_allclose([i["score"] for i in bf16], [i["score"] for i in fp32], atol=2e-2)

@@ -35,7 +35,13 @@ DATASETS = {
 }
 
 # Model name -> overrides on top of the dataset's. Each is a full recipe, not a default.
-HLLM_FROZEN = ["model.item.mode=frozen", "train.negatives=catalogue", "train.lr=1e-3", "train.batch_size=32"]
+HLLM_FROZEN = [
+    "model.item.mode=frozen",
+    "train.negatives=catalogue",
+    "train.lr=1e-3",
+    "train.batch_size=32",
+    "train.epochs=20",  # six epochs stopped Amazon runs still climbing; early stopping ends the rest
+]
 MODELS = {
     "popularity": ["model.kind=popularity"],
     "hllm-minilm-frozen": ["model.item.backbone=minilm", *HLLM_FROZEN],

@@ -157,15 +157,17 @@ def bench_serve(
         folder = scale_artifact(Path(artifact), out / f"catalogue-{size}", size)
         for kind in kinds:
             # builds and saves the index the server then reads
-            built = index_artifact(load_artifact(folder, list(overrides)), kind)
+            loaded = load_artifact(folder, list(overrides))
+            built = index_artifact(loaded, kind)
             settings = {key: value for key, value in built.items() if key.startswith(("hnsw", "ivf"))}
             process, url = start_server(folder, kind, overrides=list(overrides))
             try:
                 for level in clients:
                     result = asyncio.run(drive(url, histories, clients=level, seconds=seconds))
                     row = {"items": size, "index": kind, "settings": settings, **result, "command": command}
+                    row["precision"] = loaded.config.serve.precision
                     row |= {"recall@10": built["recall@10"], "build_s": built["build_s"]}
-                    same = ("items", "index", "settings", "clients")
+                    same = ("items", "index", "settings", "precision", "clients")
                     records = [r for r in records if any(r.get(key) != row[key] for key in same)] + [row]
                     write_json(path, records)
                     print(json.dumps(row), flush=True)
@@ -187,10 +189,11 @@ def serving_section(records: list[dict]) -> str:
     order = {"exact": 0, "hnsw": 1, "ivf": 2}
 
     def place(r: dict) -> tuple:
-        return r["items"], order[r["index"]], str(r.get("settings")), r["clients"]
+        return r["items"], order[r["index"]], str(r.get("settings")), r.get("precision", "fp32"), r["clients"]
 
     for r in sorted(records, key=place):
         index = r["index"] + "".join(f" {k.split('_', 1)[1]}={v}" for k, v in r.get("settings", {}).items())
+        index += " bf16" if r.get("precision") == "bf16" else ""
         rows.append(
             f"| {r['items']:,} | {index} | {r['recall@10']:.3f} | {r['clients']} | {r['requests']} | "
             f"{r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |"
