@@ -24,7 +24,7 @@ import pandas as pd
 from hllm.errors import UserError
 from hllm.export import load_artifact, read_manifest, write_catalogue, write_manifest
 from hllm.files import write_json, write_text
-from hllm.index import index_artifact
+from hllm.index import index_artifact, settings_of
 
 HEADING = "## Serving"
 STARTUP_S = 600  # a 1M-item artifact is hashed, loaded and indexed before /health answers
@@ -159,7 +159,8 @@ def bench_serve(
             # builds and saves the index the server then reads
             loaded = load_artifact(folder, list(overrides))
             built = index_artifact(loaded, kind)
-            settings = {key: value for key, value in built.items() if key.startswith(("hnsw", "ivf"))}
+            settings = settings_of(loaded.config.serve, kind)
+            del settings["kind"]
             process, url = start_server(folder, kind, overrides=list(overrides))
             try:
                 for level in clients:
