@@ -32,7 +32,8 @@ CHUNK = 100_000
 
 
 def scale_artifact(source: Path, folder: Path, items: int, *, seed: int = 0) -> Path:
-    """A copy of `source` whose catalogue is padded to `items` with synthetic embeddings.
+    """A copy of `source` whose catalogue is padded to `items` with synthetic embeddings (kept, and
+    reused with its saved index by the next run with the same source, size and seed).
 
     Synthetic items are drawn from a Gaussian with the real embeddings' mean and covariance, then
     normalised: they spread like the real ones. (Mixing a few real items plus noise instead makes
@@ -40,6 +41,9 @@ def scale_artifact(source: Path, folder: Path, items: int, *, seed: int = 0) -> 
     index tells such ties apart.)
     """
     manifest = read_manifest(source)
+    origin = {"source": manifest["files"]["embeddings.npy"]["sha256"], "items": items, "seed": seed}
+    if (folder / "manifest.json").is_file() and read_manifest(folder).get("scaled_from") == origin:
+        return folder  # made by an earlier run: reuse it, and the index saved in it
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(source, folder, ignore=shutil.ignore_patterns("added.npz", "index-*", "manifest.json"))
     real = np.load(source / "embeddings.npy")
@@ -65,8 +69,8 @@ def scale_artifact(source: Path, folder: Path, items: int, *, seed: int = 0) -> 
         [*frame["text"], *([""] * extra)],
         np.concatenate(parts),
     )
-    keep = ("run", "dataset", "model")
-    write_manifest(folder, {key: manifest[key] for key in keep} | {"synthetic_items": extra})
+    kept = {key: manifest[key] for key in ("run", "dataset", "model")}
+    write_manifest(folder, kept | {"synthetic_items": extra, "scaled_from": origin})
     return folder
 
 
@@ -175,7 +179,6 @@ def bench_serve(
             finally:
                 process.terminate()
                 process.wait(timeout=30)
-        shutil.rmtree(folder, ignore_errors=True)
     if report is not None:
         write_benchmarks_section(report, serving_section(records))
     return records
