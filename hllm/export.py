@@ -7,10 +7,7 @@ Dims: N catalogue rows (row 0 = PAD), D embedding width, L history length.
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -28,7 +25,7 @@ from hllm.data.dataset import SequenceData
 from hllm.data.text import build_item_text, pack_items, tokenize_items
 from hllm.errors import UserError
 from hllm.evaluate import item_table
-from hllm.files import hash_file, write_json
+from hllm.files import hash_file, publish_folder, write_json
 from hllm.models.backbone import load_backbone
 from hllm.runs import build_model, config_hash, load_run
 
@@ -87,8 +84,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
         )
         write_json(folder / "histories.json", _sample_histories(run.data, run.config))
         write_manifest(folder, _describe(run, checkpoint, table.shape[1]))
+        folder.chmod(0o755)  # a temporary folder is private; an artifact is meant to be shared
 
-    _publish(write, out_dir)
+    publish_folder(write, out_dir, replace=False)
     return out_dir
 
 
@@ -157,18 +155,6 @@ def _version(package: str) -> str | None:
         return version(package)
     except PackageNotFoundError:
         return None
-
-
-def _publish(write, folder: Path) -> None:
-    """Build the artifact in a temporary folder beside `folder`, then rename it: never half-written."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        write(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_manifest(folder: str | Path, *, verify: bool = True) -> dict:

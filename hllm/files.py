@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def publish_folder(write: Callable[[Path], Any], folder: Path, *, replace: bool) -> None:
+    """Run `write(tmp)` on a fresh temporary folder, then rename it to `folder`: never half-written.
+
+    An existing `folder` is swapped out with `replace`, else left as it is (and `tmp` dropped).
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    old = folder.with_name(f"{tmp.name}.old")
+    try:
+        write(tmp)
+        if folder.exists():
+            if not replace:  # another process published it first (a DDP rank, the same cache)
+                return
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:

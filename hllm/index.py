@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 import faiss
 import numpy as np
@@ -23,7 +22,6 @@ from hllm.errors import UserError
 from hllm.export import Artifact, encode_histories
 from hllm.files import atomic_write, write_json
 
-IndexKind = Literal["exact", "hnsw", "ivf"]
 KINDS = ("exact", "hnsw", "ivf")
 RECALL_K = 10
 QUERY_TIME = {"hnsw_ef_search": "efSearch", "ivf_probes": "nprobe"}  # setting -> faiss parameter

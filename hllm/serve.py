@@ -85,7 +85,7 @@ class Catalogue:
                 raise HTTPException(409, f"item {raw_id!r} already exists; use a new id")
             title = str(next((fields[k] for k in ("title", "movie_title", "name") if k in fields), raw_id))
             item = {"id": raw_id, "title": title, "text": text, "fields": fields}
-            items = [self._describe(row) for row in range(len(self.artifact.embeddings), len(self.ids))]
+            items = [self.describe(row) for row in range(len(self.artifact.embeddings), len(self.ids))]
             self._write_added([*items, item], np.stack([*self._added, vector]))
             self._append(item, vector)
 
@@ -99,7 +99,7 @@ class Catalogue:
         self._lookup[item["id"]] = len(self.ids) - 1
         self.index.add(vector[None])
 
-    def _describe(self, row: int) -> dict:
+    def describe(self, row: int) -> dict:
         return {
             "id": self.ids[row],
             "title": self.titles[row],
@@ -287,7 +287,7 @@ def create_app(artifact: Artifact) -> FastAPI:
         """An item's title, rendered text and (for cold-start items) the fields it was added with."""
         if (row := catalogue.row(item_id)) is None:
             raise HTTPException(404, f"unknown item id {item_id!r}")
-        return {**catalogue._describe(row), "added": row >= len(artifact.embeddings)}
+        return {**catalogue.describe(row), "added": row >= len(artifact.embeddings)}
 
     @app.get("/health")
     def health() -> dict:

@@ -42,8 +42,10 @@ def scale_artifact(source: Path, folder: Path, items: int, *, seed: int = 0) -> 
     """
     manifest = read_manifest(source)
     origin = {"source": manifest["files"]["embeddings.npy"]["sha256"], "items": items, "seed": seed}
-    if (folder / "manifest.json").is_file() and read_manifest(folder).get("scaled_from") == origin:
-        return folder  # made by an earlier run: reuse it, and the index saved in it
+    # Made by an earlier run: reuse it and its saved index (load_artifact verifies its files next).
+    made = (folder / "manifest.json").is_file() and read_manifest(folder, verify=False).get("scaled_from")
+    if made == origin:
+        return folder
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(source, folder, ignore=shutil.ignore_patterns("added.npz", "index-*", "manifest.json"))
     real = np.load(source / "embeddings.npy")

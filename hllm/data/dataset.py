@@ -6,10 +6,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,7 +19,7 @@ from hllm.config import DataConfig
 from hllm.data.formats import Source, locate, read_source
 from hllm.data.text import PAD_ID, build_item_text, text_length_stats
 from hllm.errors import UserError
-from hllm.files import hash_inputs, write_json
+from hllm.files import hash_inputs, publish_folder, write_json
 
 CACHE_VERSION = 2  # 2: timestamps kept
 MIN_INTERACTIONS = 3  # one training item, the validation target and the test target
@@ -97,7 +94,7 @@ class SequenceData:
 
     def save(self, folder: str | Path) -> None:
         """Write to a temporary folder beside `folder`, then swap it in (never half-written)."""
-        _publish(self._write, Path(folder), replace=True)
+        publish_folder(self._write, Path(folder), replace=True)
 
     def _write(self, folder: Path) -> None:
         times = {} if self.timestamps is None else {"timestamps": self.timestamps}
@@ -132,23 +129,6 @@ class SequenceData:
         )
 
 
-def _publish(write, folder: Path, *, replace: bool) -> None:
-    """Run `write(tmp)` on a fresh temporary folder, then rename it to `folder`."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    old = folder.with_name(f"{tmp.name}.old")
-    try:
-        write(tmp)
-        if folder.exists():
-            if not replace:  # another process (a DDP rank) built the same cache first
-                return
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def prepare_dataset(config: DataConfig, *, tokenizer=None) -> SequenceData:
     """Read, filter and renumber `config.path`, or load the copy cached from the same inputs.
 
@@ -168,7 +148,7 @@ def prepare_dataset(config: DataConfig, *, tokenizer=None) -> SequenceData:
         interactions, items = read_source(source, config)
         data = build_sequence_data(interactions, items, config, source)
         data.fingerprint = data.stats["fingerprint"] = fingerprint
-        _publish(data._write, folder, replace=False)
+        publish_folder(data._write, folder, replace=False)
     data.stats["cache"] = str(folder)
     if tokenizer is not None:
         texts = list(data.item_text[1:])
