@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hllm.config import dump_config, load_config
+from hllm.creator.commands import creator_app
 from hllm.data.dataset import prepare_dataset
 from hllm.errors import UserError
 
@@ -27,6 +28,7 @@ bench_app = typer.Typer(
     invoke_without_command=True, help="Benchmarks: the model suite (default) and its sub-benchmarks."
 )
 app.add_typer(bench_app, name="bench")
+app.add_typer(creator_app, name="creator")
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4")]
 

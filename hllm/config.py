@@ -209,6 +209,57 @@ class ServeConfig:
 
 
 @dataclass
+class LLMConfig:
+    backend: Literal["local", "openai"] = "local"
+    """local: transformers generation in this process; openai: any OpenAI-compatible HTTP endpoint."""
+    model: str = "smollm2-135m"
+    """local: a preset, folder, .gguf file or hub id; openai: the model name the endpoint serves."""
+    base_url: str | None = None
+    """openai: endpoint such as http://127.0.0.1:8001/v1 (default: $OPENAI_BASE_URL)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai: environment variable holding the key (a local server accepts any)."""
+    concurrency: int = 8
+    """openai: requests in flight at once."""
+    timeout_s: float = 120.0
+    """openai: seconds before one request is abandoned (and retried)."""
+    max_retries: int = 4
+    """openai: retries, with exponential back-off, of timeouts, 429 and 5xx answers."""
+    batch_size: int = 8
+    """local: conversations generated together."""
+    max_new_tokens: int = 64
+    """Longest answer, in tokens."""
+    temperature: float = 0.0
+    """0 = greedy; a malformed answer's second try samples at 0.7."""
+    attempts: int = 2
+    """Tries per row before a malformed answer is recorded as a failure."""
+
+
+@dataclass
+class CreatorDataConfig:
+    history_items: int = 10
+    """Most recent history items shown to the teacher."""
+    fact_chars: int = 400
+    """The item's selling points (every text field but the title) are cut to this many characters."""
+    limit: int = 0
+    """Users to build rows for, drawn at random with `seed` (0 = every user)."""
+    seed: int = 0
+    """Seed of the user sample."""
+    chunk_rows: int = 32
+    """Rows per written part: what a crash can lose at most."""
+    verify: bool = False
+    """Also ask the teacher whether each kept title states anything its item's text does not."""
+
+
+@dataclass
+class CreatorConfig:
+    data: CreatorDataConfig = field(default_factory=CreatorDataConfig)
+    teacher: LLMConfig = field(default_factory=LLMConfig)
+    """The LLM that profiles users and rewrites titles."""
+    judge: LLMConfig = field(default_factory=LLMConfig)
+    """The LLM that compares two titles for a user (Good/Same/Bad)."""
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     """Run name; the run folder is `out_dir/name`."""
@@ -219,6 +270,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    creator: CreatorConfig = field(default_factory=CreatorConfig)
 
     def __post_init__(self) -> None:
         if self.train.negatives == "catalogue" and self.model.item.mode != "frozen":
@@ -243,6 +295,12 @@ class RunConfig:
             ("serve.max_k", self.serve.max_k),
             ("serve.max_body_bytes", self.serve.max_body_bytes),
             ("serve.max_batch", self.serve.max_batch),
+            ("creator.data.chunk_rows", self.creator.data.chunk_rows),
+            ("creator.teacher.concurrency", self.creator.teacher.concurrency),
+            ("creator.teacher.batch_size", self.creator.teacher.batch_size),
+            ("creator.teacher.attempts", self.creator.teacher.attempts),
+            ("creator.judge.concurrency", self.creator.judge.concurrency),
+            ("creator.judge.attempts", self.creator.judge.attempts),
         ):
             if value < 1:
                 raise UserError(f"must be at least 1, got {value}", where=key)

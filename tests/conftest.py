@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pandas as pd
 import pytest
+import uvicorn
 
+from hllm.bench.serve import free_port
 from hllm.config import DataConfig, load_config
 from hllm.data.dataset import SequenceData, prepare_dataset
 from hllm.export import export_run
@@ -121,3 +128,26 @@ def tiny_artifact(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 def copy_artifact(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
+
+
+@contextlib.contextmanager
+def serving_app(app, *, health: str = "/health") -> Iterator[str]:
+    """uvicorn on 127.0.0.1, a free port, in a background thread; yields the URL once `health` answers."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}{health}", timeout=1).status_code == 200:
+                    break
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "the server did not stop"

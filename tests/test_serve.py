@@ -6,7 +6,6 @@ import contextlib
 import json
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -14,12 +13,11 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from hllm.bench.serve import free_port, start_server
 from hllm.export import load_artifact
 from hllm.serve import create_app
-from tests.conftest import copy_artifact
+from tests.conftest import copy_artifact, serving_app
 from tests.test_cli import assert_one_line_error, run_cli
 
 MAX_BODY = 2000
@@ -31,26 +29,9 @@ JSON = {"content-type": "application/json"}
 
 @contextlib.contextmanager
 def serving(folder: Path, overrides: list[str] | None = None) -> Iterator[str]:
-    """uvicorn on a free port in a background thread, over `folder`; yields its URL once /health answers."""
-    app = create_app(load_artifact(folder, overrides))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
+    """`hllm serve` over `folder` on a free port in a background thread; yields its URL."""
+    with serving_app(create_app(load_artifact(folder, overrides))) as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        assert not thread.is_alive(), "the server did not stop"
 
 
 @pytest.fixture(scope="module")

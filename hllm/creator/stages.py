@@ -1,0 +1,134 @@
+"""Resumable LLM stages: rows in, one Parquet part per chunk out, each part written atomically.
+
+A rerun reads the parts already written and skips their keys, so a crash loses at most the chunk
+in flight. An answer the parser rejects is asked again (sampling, up to `attempts` tries) and then
+recorded as a failure with its reason: it is never written as a value. When the model cannot be
+reached at all the stage stops with a one-line error naming itself and the row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from hllm.creator.llm import RETRY_TEMPERATURE, ChatModel, Conversation, LLMError
+from hllm.errors import UserError
+from hllm.files import atomic_write
+
+Parse = Callable[[str], "Parsed"]
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A parser's verdict on one answer: the value, or why there is none."""
+
+    value: object = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+class PartStore:
+    """A folder of Parquet parts (`part-00000.parquet`, ...) that together hold one table."""
+
+    def __init__(self, folder: Path, key: list[str]) -> None:
+        self.folder = folder
+        self.key = key
+
+    def parts(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.parquet"))
+
+    def read(self) -> pd.DataFrame:
+        parts = self.parts()
+        if not parts:
+            return pd.DataFrame()
+        return pd.concat([pd.read_parquet(part) for part in parts], ignore_index=True)
+
+    def done(self) -> set[tuple]:
+        table = self.read()
+        return set() if table.empty else set(table[self.key].itertuples(index=False, name=None))
+
+    def append(self, frame: pd.DataFrame) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        number = int(self.parts()[-1].stem.split("-")[1]) + 1 if self.parts() else 0
+        atomic_write(
+            self.folder / f"part-{number:05d}.parquet", lambda tmp: frame.to_parquet(tmp, index=False)
+        )
+
+
+@dataclass
+class Stage:
+    """One LLM step: how to ask about a row, and how to read the answer."""
+
+    name: str
+    prompt_version: str
+    render: Callable[[pd.Series], Conversation]
+    parse: Parse
+
+
+def run_stage(
+    stage: Stage, rows: pd.DataFrame, store: PartStore, chat: ChatModel, *, chunk_rows: int, attempts: int
+) -> pd.DataFrame:
+    """Ask `chat` about every row of `rows` not yet in `store`; return the whole stage table.
+
+    Output columns: the key, `value` (parsed; None on failure), `answer` (the raw last answer),
+    `status` ("ok" / "failed"), `error`, `attempts`, `backend`, `model`, `prompt_version`.
+    """
+    done = store.done()
+    todo = rows[[key not in done for key in rows[store.key].itertuples(index=False, name=None)]]
+    with _progress(stage.name, len(rows), len(rows) - len(todo)) as advance:
+        for start in range(0, len(todo), chunk_rows):
+            chunk = todo.iloc[start : start + chunk_rows]
+            store.append(_ask(stage, chunk, store.key, chat, attempts))
+            advance(len(chunk))
+    return store.read()
+
+
+def _ask(stage: Stage, chunk: pd.DataFrame, key: list[str], chat: ChatModel, attempts: int) -> pd.DataFrame:
+    conversations = [stage.render(row) for _, row in chunk.iterrows()]
+    results: list[Parsed | None] = [None] * len(chunk)
+    answers = [""] * len(chunk)
+    tries = [0] * len(chunk)
+    for attempt in range(attempts):
+        pending = [i for i, result in enumerate(results) if result is None or not result.ok]
+        if not pending:
+            break
+        try:
+            replies = chat.chat(
+                [conversations[i] for i in pending], temperature=RETRY_TEMPERATURE if attempt else None
+            )
+        except LLMError as error:
+            failed = pending[error.index or 0]
+            row = dict(zip(key, chunk.iloc[failed][key].tolist(), strict=True))
+            raise UserError(f"{stage.name} stage, row {row}: {error}", where=stage.name) from None
+        for i, reply in zip(pending, replies, strict=True):
+            answers[i], tries[i], results[i] = reply, attempt + 1, stage.parse(reply)
+    return pd.DataFrame(
+        {
+            **{name: chunk[name].to_numpy() for name in key},
+            "value": [r.value if r.ok else None for r in results],
+            "answer": answers,
+            "status": ["ok" if r.ok else "failed" for r in results],
+            "error": [r.error for r in results],
+            "attempts": tries,
+            "backend": chat.backend,
+            "model": chat.model,
+            "prompt_version": stage.prompt_version,
+        }
+    )
+
+
+@contextmanager
+def _progress(name: str, total: int, done: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on the terminal; yields `advance(rows)`."""
+    columns = (TextColumn(f"{name:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns) as progress:
+        task = progress.add_task(name, total=total, completed=done)
+        yield lambda rows: progress.advance(task, rows)

@@ -1,0 +1,294 @@
+"""The chain-of-thought teacher pipeline that makes Creator training rows from a real dataset.
+
+For each sampled user: the target is the user's last *training* item (HLLM's validation and test
+items stay unseen) and the history is what came before it. Three stages, joined by ids:
+
+1. profile:  history titles and categories -> a short list of interests (one call per user);
+2. rewrite:  interests + the target's original title and selling points -> a personalised title;
+3. filter:   deterministic checks against the item's own text (`hallucination.check_title`), then,
+             with `creator.data.verify`, an LLM verifier; every rejection keeps its reasons.
+
+The LLM stages are resumable (`stages.run_stage`); the filter is cheap and recomputed each run.
+Writes `DIR/rows.parquet` (every row that got a title, with `kept` and `reasons`; training reads the
+kept ones) and `DIR/report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hllm.config import CreatorDataConfig, DataConfig, LLMConfig
+from hllm.creator.hallucination import REASONS, check_title, collect_brands
+from hllm.creator.llm import ChatModel, open_chat_model
+from hllm.creator.prompts import PROFILE, REWRITE, VERIFY
+from hllm.creator.stages import Parsed, PartStore, Stage, run_stage
+from hllm.data.dataset import TARGET_FROM_END, TITLE_FIELDS, SequenceData, prepare_dataset
+from hllm.data.formats import locate, read_source
+from hllm.errors import UserError
+from hllm.files import atomic_write, write_json
+
+CATEGORY_FIELDS = ("categories", "category", "class", "genre", "genres")
+BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s*")
+TITLE_PREFIX = re.compile(r"^\s*(?:new title|personali[sz]ed title|title)\s*:\s*", re.IGNORECASE)
+CHATTER = re.compile(r"^(?:sure|here is|here's|certainly|i |i'm|as an|okay|ok,)", re.IGNORECASE)
+WORD = re.compile(r"[A-Za-z][A-Za-z0-9'&./+-]*|\d[\w./-]*")  # a word, not a stray "##q" or "(x"
+MAX_INTERESTS, MAX_INTEREST_WORDS, MAX_TITLE_WORDS = 5, 8, 40
+REPORT_KEYS = ("dataset", "backend", "model", "prompts", "history_items", "fact_chars", "seed")
+
+
+def read_catalogue(config: DataConfig) -> pd.DataFrame:
+    """Item fields by raw id: `title`, `selling_points` (every other field, as text), `category`."""
+    source = locate(config)
+    _, items = read_source(source, config)
+    title_field = next((name for name in TITLE_FIELDS if items is not None and name in items.columns), None)
+    if title_field is None:
+        raise UserError(
+            f"the item table has no title field ({', '.join(TITLE_FIELDS)}): Creator rewrites titles",
+            where=str(source.items or source.interactions),
+        )
+    items = items.drop_duplicates("item", keep="last").set_index("item")
+    text = items.astype("string").fillna("").apply(lambda column: column.str.strip())
+    others = [name for name in items.columns if name != title_field]
+    labelled = [(f"{name}: " + text[name]).where(text[name] != "") for name in others]
+    points = pd.concat(labelled, axis=1).apply(lambda row: "; ".join(row.dropna()), axis=1) if others else ""
+    category_field = next((name for name in CATEGORY_FIELDS if name in items.columns), None)
+    return pd.DataFrame(
+        {
+            "title": text[title_field],
+            "selling_points": points,
+            "category": text[category_field].str.split(",").str[-1].str.strip() if category_field else "",
+            "brand": text["brand"] if "brand" in items.columns else "",
+        },
+        index=items.index,
+    )
+
+
+def select_rows(data: SequenceData, catalogue: pd.DataFrame, settings: CreatorDataConfig) -> pd.DataFrame:
+    """One row per sampled user: history item ids, target item id, and the texts the prompts need.
+
+    Users are taken in a seeded random order, so a larger `limit` extends a smaller one's sample.
+    """
+    order = np.random.default_rng(settings.seed).permutation(data.num_users)
+    rows = []
+    for user in order:
+        history = data.history(int(user), "train")
+        target = data.items[data.offsets[user + 1] - TARGET_FROM_END["train"]]
+        ids = [str(data.item_ids[i]) for i in history[-settings.history_items :]]
+        target_id = str(data.item_ids[target])
+        has_title = target_id in catalogue.index and catalogue.at[target_id, "title"] != ""
+        if not ids or not has_title:
+            continue
+        rows.append({"user_id": str(data.user_ids[user]), "history_item_ids": ids, "item_id": target_id})
+        if len(rows) == settings.limit:
+            break
+    frame = pd.DataFrame(rows).drop_duplicates(["user_id", "item_id"])
+    facts = catalogue.reindex(frame["item_id"])
+    frame["original_title"] = facts["title"].to_numpy()
+    frame["selling_points"] = facts["selling_points"].str.slice(0, settings.fact_chars).to_numpy()
+    frame["source_text"] = (facts["title"] + "; " + facts["selling_points"]).to_numpy()
+    frame["history"] = [_history_lines(ids, catalogue) for ids in frame["history_item_ids"]]
+    return frame.reset_index(drop=True)
+
+
+def _history_lines(item_ids: list[str], catalogue: pd.DataFrame) -> str:
+    lines = []
+    for item_id in item_ids:
+        if item_id not in catalogue.index:
+            continue
+        title, category = catalogue.at[item_id, "title"][:80], catalogue.at[item_id, "category"]
+        lines.append(f"- {title} (category: {category})" if category else f"- {title}")
+    return "\n".join(lines)
+
+
+def parse_interests(answer: str) -> Parsed:
+    """Bulleted lines (or one short line) -> up to 5 short interests."""
+    lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
+    bulleted = [BULLET.sub("", line) for line in lines if BULLET.match(line)]
+    candidates = bulleted or (lines[:1] if len(lines) == 1 else [])
+    interests = []
+    for line in candidates:
+        line = line.strip(" .;,\"'")
+        words = line.split()
+        real = [word for word in words if WORD.fullmatch(word)]
+        if (
+            1 <= len(words) <= MAX_INTEREST_WORDS
+            and len(real) >= 0.8 * len(words)
+            and re.search("[a-zA-Z]{3}", line)
+        ):
+            interests.append(line)
+    interests = list(dict.fromkeys(interests))[:MAX_INTERESTS]
+    if not interests:
+        return Parsed(error="no interests: expected short lines starting with '- '")
+    return Parsed(interests)
+
+
+def parse_title(answer: str) -> Parsed:
+    """The first non-empty line, without quotes or a `Title:` prefix; chatter is malformed."""
+    line = next((line.strip() for line in answer.splitlines() if line.strip()), "")
+    title = TITLE_PREFIX.sub("", BULLET.sub("", line)).strip().strip("\"'*` ").strip()
+    if not title:
+        return Parsed(error="empty answer")
+    if CHATTER.match(title):
+        return Parsed(error="not a title: the answer talks instead")
+    if len(title.split()) > MAX_TITLE_WORDS:
+        return Parsed(error=f"not a title: more than {MAX_TITLE_WORDS} words")
+    return Parsed(title)
+
+
+def parse_yes_no(answer: str) -> Parsed:
+    word = re.match(r"\W*(yes|no)\b", answer.strip().lower())
+    return Parsed(word[1]) if word else Parsed(error="expected yes or no")
+
+
+def _bullets(interests: list[str]) -> str:
+    return "\n".join(f"- {interest}" for interest in interests)
+
+
+PROFILE_STAGE = Stage(
+    "profile", PROFILE.version, lambda row: PROFILE.render(history=row["history"]), parse_interests
+)
+REWRITE_STAGE = Stage(
+    "rewrite",
+    REWRITE.version,
+    lambda row: REWRITE.render(
+        interests=_bullets(row["interests"]),
+        title=row["original_title"],
+        selling_points=row["selling_points"],
+    ),
+    parse_title,
+)
+VERIFY_STAGE = Stage(
+    "verify",
+    VERIFY.version,
+    lambda row: VERIFY.render(
+        title=row["original_title"], selling_points=row["selling_points"], new_title=row["personalised_title"]
+    ),
+    parse_yes_no,
+)
+
+
+def build_data(
+    data_config: DataConfig, settings: CreatorDataConfig, teacher: LLMConfig, out_dir: str | Path
+) -> dict:
+    """Run the three stages into `out_dir` (resuming what is there); return the report."""
+    started = time.perf_counter()
+    out = Path(out_dir)
+    catalogue = read_catalogue(data_config)
+    rows = select_rows(prepare_dataset(data_config), catalogue, settings)
+    identity = {
+        "dataset": str(data_config.path),
+        "backend": teacher.backend,
+        "model": teacher.model,
+        "prompts": {"profile": PROFILE.version, "rewrite": REWRITE.version, "verify": VERIFY.version},
+        "history_items": settings.history_items,
+        "fact_chars": settings.fact_chars,
+        "seed": settings.seed,
+    }
+    _claim(out, identity)
+    chat = open_chat_model(teacher)
+    steps = {"chunk_rows": settings.chunk_rows, "attempts": teacher.attempts}
+
+    users = rows.drop_duplicates("user_id")
+    profiles = run_stage(PROFILE_STAGE, users, PartStore(out / "profile", ["user_id"]), chat, **steps)
+    interests = _ok_values(profiles, ["user_id"], "interests")
+    with_interests = rows.merge(interests, on="user_id")
+    rewrites = run_stage(
+        REWRITE_STAGE, with_interests, PartStore(out / "rewrite", ["user_id", "item_id"]), chat, **steps
+    )
+    titled = with_interests.merge(_ok_values(rewrites, ["user_id", "item_id"], "personalised_title"))
+    titled = _filter(titled, catalogue, settings, chat, out, steps)
+
+    table = titled.drop(columns=["source_text"])
+    atomic_write(out / "rows.parquet", lambda tmp: table.to_parquet(tmp, index=False))
+    report = {
+        **identity,
+        "rows": len(rows),
+        "kept": int(table["kept"].sum()),
+        "rejected": _rejections(table),
+        "failed": {"profile": _failures(profiles, users), "rewrite": _failures(rewrites, with_interests)},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(out / "report.json", report)
+    return report
+
+
+def _filter(
+    titled: pd.DataFrame,
+    catalogue: pd.DataFrame,
+    settings: CreatorDataConfig,
+    chat: ChatModel,
+    out: Path,
+    steps: dict,
+) -> pd.DataFrame:
+    brands = collect_brands(catalogue["brand"])
+    verdicts = [
+        check_title(
+            row.personalised_title,
+            original_title=row.original_title,
+            source_text=row.source_text,
+            known_brands=brands,
+            allowed_text=" ".join(row.interests),
+        )
+        for row in titled.itertuples()
+    ]
+    titled["reasons"] = [list(verdict.reasons) for verdict in verdicts]
+    if settings.verify and len(titled):
+        passed = titled[[verdict.kept for verdict in verdicts]]
+        checked = run_stage(
+            VERIFY_STAGE, passed, PartStore(out / "verify", ["user_id", "item_id"]), chat, **steps
+        )
+        said = _ok_values(checked, ["user_id", "item_id"], "verifier")
+        titled = titled.merge(said, on=["user_id", "item_id"], how="left")
+        invented = titled["verifier"] == "yes"
+        titled.loc[invented, "reasons"] = titled.loc[invented, "reasons"].map(
+            lambda r: [*r, "llm_verifier: yes"]
+        )
+    titled["kept"] = titled["reasons"].map(len) == 0
+    return titled
+
+
+def _ok_values(stage: pd.DataFrame, key: list[str], name: str) -> pd.DataFrame:
+    if stage.empty:
+        return pd.DataFrame(columns=[*key, name])
+    ok = stage[stage["status"] == "ok"]
+    return ok[[*key, "value"]].rename(columns={"value": name}).drop_duplicates(key, keep="last")
+
+
+def _rejections(table: pd.DataFrame) -> dict[str, int]:
+    """Reason kind -> rejected titles with a reason of that kind (a title can have several)."""
+    kinds = Counter(
+        kind for reasons in table["reasons"] for kind in {reason.split(":")[0] for reason in reasons}
+    )
+    order = [*REASONS, "llm_verifier"]
+    return {kind: kinds[kind] for kind in sorted(kinds, key=order.index)}
+
+
+def _failures(stage: pd.DataFrame, asked: pd.DataFrame) -> dict[str, int]:
+    """Error -> rows of this run's sample whose answer stayed malformed."""
+    if stage.empty:
+        return {}
+    keys = set(stage.columns) & {"user_id", "item_id"}
+    mine = stage.merge(asked[sorted(keys)].drop_duplicates(), on=sorted(keys))
+    return dict(Counter(mine.loc[mine["status"] == "failed", "error"]))
+
+
+def _claim(out: Path, identity: dict) -> None:
+    """Refuse to resume a folder built with another dataset, model or prompt version."""
+    path = out / "run.json"
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        if changed := [key for key in REPORT_KEYS if before.get(key) != identity[key]]:
+            raise UserError(
+                f"this folder was built with other settings ({', '.join(changed)}): use a new --out",
+                where=str(out),
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, identity)
