@@ -127,14 +127,10 @@ def test_parse_title(answer, title):
 def test_parse_yes_no_and_choice():
     assert parse_yes_no("Yes, it adds a size").value == "yes" and parse_yes_no("No.").value == "no"
     assert not parse_yes_no("maybe").ok
-    assert [parse_choice(a).value for a in ("a", "B.", "Title b", "(a)", "Same")] == [
-        "a",
-        "b",
-        "b",
-        "a",
-        "same",
-    ]
+    answers = ("a", "B.", "Title b", "(a)", "Same", "The correct answer is b. Because", "Answer: a")
+    assert [parse_choice(a).value for a in answers] == ["a", "b", "b", "a", "same", "b", "a"]
     assert not parse_choice("both are good").ok
+    assert not parse_choice("The answer is a, no wait, the answer is b").ok  # two statements
 
 
 @pytest.mark.parametrize(

@@ -23,10 +23,18 @@ KEY = ["user_id", "item_id"]
 NEEDED = ("interests", "history", "selling_points")
 
 
+LEADING = re.compile(r"\W*(?:title\s+)?(a|b|same)\b")
+STATED = re.compile(r"\b(?:answer|choice|option|title)(?:\s+is)?\s*:?\s*\(?(a|b|same)\b")
+
+
 def parse_choice(answer: str) -> Parsed:
-    """`a`, `b` or `same` (also "Title a", "(b)", "Same."), anything else is malformed."""
-    match = re.match(r"\W*(?:title\s+)?(a|b|same)\b", answer.strip().lower())
-    return Parsed(match[1]) if match else Parsed(error="expected a, b or same")
+    """`a`, `b` or `same`, leading the answer ("Title a", "(b)", "Same.") or stated in it ("The
+    answer is b"); several different statements, or none, are malformed."""
+    text = answer.strip().lower()
+    if match := LEADING.match(text):
+        return Parsed(match[1])
+    stated = set(STATED.findall(text))
+    return Parsed(stated.pop()) if len(stated) == 1 else Parsed(error="expected a, b or same")
 
 
 def verdict(first: str | None, second: str | None) -> str:

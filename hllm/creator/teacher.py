@@ -88,6 +88,8 @@ def select_rows(data: SequenceData, catalogue: pd.DataFrame, settings: CreatorDa
         rows.append({"user_id": str(data.user_ids[user]), "history_item_ids": ids, "item_id": target_id})
         if len(rows) == settings.limit:
             break
+    if not rows:
+        raise UserError("no user has both a history and a titled training item", where=data.name)
     frame = pd.DataFrame(rows).drop_duplicates(["user_id", "item_id"])
     facts = catalogue.reindex(frame["item_id"])
     frame["original_title"] = facts["title"].to_numpy()
