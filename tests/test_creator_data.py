@@ -170,6 +170,8 @@ def test_build_data_over_http_keeps_faithful_titles_and_rejects_invented_claims(
     assert all(any(r.startswith("claim: best") for r in reasons) for reasons in rows.loc[claims, "reasons"])
     assert all(list(interests) == ["lab tools", "electrical repair"] for interests in rows["interests"])
     assert rows["history_item_ids"].map(len).between(1, 3).all()
+    provenance = rows[["backend", "model", "profile_prompt", "rewrite_prompt"]].drop_duplicates()
+    assert provenance.values.tolist() == [["openai", "scripted", PROFILE.version, REWRITE.version]]
     # The target is the user's last training item: never in its own history.
     assert all(
         item not in history for item, history in zip(rows["item_id"], rows["history_item_ids"], strict=True)

@@ -207,7 +207,13 @@ def build_data(
     titled = with_interests.merge(_ok_values(rewrites, ["user_id", "item_id"], "personalised_title"))
     titled = _filter(titled, catalogue, settings, chat, out, steps)
 
-    table = titled.drop(columns=["source_text"])
+    table = titled.drop(columns=["source_text"]).assign(
+        backend=chat.backend,
+        model=chat.model,
+        profile_prompt=PROFILE.version,
+        rewrite_prompt=REWRITE.version,
+        verify_prompt=VERIFY.version if settings.verify else None,
+    )
     atomic_write(out / "rows.parquet", lambda tmp: table.to_parquet(tmp, index=False))
     report = {
         **identity,
