@@ -293,6 +293,8 @@ def test_judge_asks_both_orders_and_cancels_position_bias(tmp_path):
     first = ScriptedChat(judge=lambda a, b: "a")
     with serving_app(create_llm_app(first)) as url:
         report = judge_titles(rows, tmp_path / "first", openai_config(url))
+        with pytest.raises(UserError, match=r"other settings \(model\)"):
+            judge_titles(rows, tmp_path / "first", replace(openai_config(url), model="other"))
     assert (report["good"], report["same"], report["bad"], report["position_bias"]) == (0, 3, 0, 2)
 
 

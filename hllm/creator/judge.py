@@ -15,7 +15,7 @@ import pandas as pd
 from hllm.config import LLMConfig
 from hllm.creator.llm import open_chat_model
 from hllm.creator.prompts import JUDGE
-from hllm.creator.stages import Parsed, PartStore, Stage, run_stage
+from hllm.creator.stages import Parsed, PartStore, Stage, claim_folder, run_stage
 from hllm.errors import UserError
 from hllm.files import atomic_write, write_json
 
@@ -74,6 +74,8 @@ def judge_titles(
     rows = rows.head(limit) if limit else rows
     out = Path(out_dir)
     asked = rows[rows[original].str.strip() != rows[candidate].str.strip()]  # identical: Same, not asked
+    identity = {"rows": str(rows_path), "original": original, "candidate": candidate}
+    claim_folder(out, {**identity, "backend": judge.backend, "model": judge.model, "prompt": JUDGE.version})
     chat = open_chat_model(judge)
     steps = {"chunk_rows": chunk_rows, "attempts": judge.attempts}
     answers = []

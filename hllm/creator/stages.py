@@ -8,6 +8,7 @@ reached at all the stage stops with a one-line error naming itself and the row.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hllm.creator.llm import RETRY_TEMPERATURE, ChatModel, Conversation, LLMError
 from hllm.errors import UserError
-from hllm.files import atomic_write
+from hllm.files import atomic_write, write_json
 
 Parse = Callable[[str], "Parsed"]
 
@@ -132,3 +133,18 @@ def _progress(name: str, total: int, done: int) -> Iterator[Callable[[int], None
     with Progress(*columns) as progress:
         task = progress.add_task(name, total=total, completed=done)
         yield lambda rows: progress.advance(task, rows)
+
+
+def claim_folder(out: Path, identity: dict) -> None:
+    """Refuse to resume a folder made with other settings (dataset, model, prompt versions, ...)."""
+    path = out / "run.json"
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        if changed := [key for key in identity if before.get(key) != identity[key]]:
+            raise UserError(
+                f"this folder was built with other settings ({', '.join(changed)}): use a new --out",
+                where=str(out),
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, identity)

@@ -15,7 +15,6 @@ kept ones) and `DIR/report.json`.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import Counter
@@ -28,7 +27,7 @@ from hllm.config import CreatorDataConfig, DataConfig, LLMConfig
 from hllm.creator.hallucination import REASONS, check_title, collect_brands
 from hllm.creator.llm import ChatModel, open_chat_model
 from hllm.creator.prompts import PROFILE, REWRITE, VERIFY
-from hllm.creator.stages import Parsed, PartStore, Stage, run_stage
+from hllm.creator.stages import Parsed, PartStore, Stage, claim_folder, run_stage
 from hllm.data.dataset import TARGET_FROM_END, TITLE_FIELDS, SequenceData, prepare_dataset
 from hllm.data.formats import locate, read_source
 from hllm.errors import UserError
@@ -40,7 +39,6 @@ TITLE_PREFIX = re.compile(r"^\s*(?:new title|personali[sz]ed title|title)\s*:\s*
 CHATTER = re.compile(r"^(?:sure|here is|here's|certainly|i |i'm|as an|okay|ok,)", re.IGNORECASE)
 WORD = re.compile(r"[A-Za-z][A-Za-z0-9'&./+-]*|\d[\w./-]*")  # a word, not a stray "##q" or "(x"
 MAX_INTERESTS, MAX_INTEREST_WORDS, MAX_TITLE_WORDS = 5, 8, 40
-REPORT_KEYS = ("dataset", "backend", "model", "prompts", "history_items", "fact_chars", "seed")
 
 
 def read_catalogue(config: DataConfig) -> pd.DataFrame:
@@ -193,7 +191,7 @@ def build_data(
         "fact_chars": settings.fact_chars,
         "seed": settings.seed,
     }
-    _claim(out, identity)
+    claim_folder(out, identity)
     chat = open_chat_model(teacher)
     steps = {"chunk_rows": settings.chunk_rows, "attempts": teacher.attempts}
 
@@ -285,18 +283,3 @@ def _failures(stage: pd.DataFrame, asked: pd.DataFrame) -> dict[str, int]:
     keys = set(stage.columns) & {"user_id", "item_id"}
     mine = stage.merge(asked[sorted(keys)].drop_duplicates(), on=sorted(keys))
     return dict(Counter(mine.loc[mine["status"] == "failed", "error"]))
-
-
-def _claim(out: Path, identity: dict) -> None:
-    """Refuse to resume a folder built with another dataset, model or prompt version."""
-    path = out / "run.json"
-    if path.is_file():
-        before = json.loads(path.read_text(encoding="utf-8"))
-        if changed := [key for key in REPORT_KEYS if before.get(key) != identity[key]]:
-            raise UserError(
-                f"this folder was built with other settings ({', '.join(changed)}): use a new --out",
-                where=str(out),
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(path, identity)
