@@ -310,3 +310,18 @@ def test_cli_build_data_errors_are_one_line(tmp_path):
         "creator", "judge", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "j")
     )
     assert_one_line_error(code, err, "no such file", "missing.parquet")
+
+
+def test_cli_build_data_and_judge_over_http_print_their_summaries(shared_data, tmp_path):
+    with serving_app(create_llm_app(ScriptedChat(judge=lambda a, b: "a" if len(a) > len(b) else "b"))) as url:
+        http = ["--backend", "openai", "--model", "scripted", "--base-url", f"{url}/v1"]
+        dataset = str(shared_data / "amazon-scientific")
+        code, out, err = run_cli(
+            "creator", "build-data", dataset, "--out", str(tmp_path / "d"), "--limit", "3", *http
+        )
+        assert code == 0, err
+        assert "titles kept" in out and "openai / scripted" in out
+        rows = str(tmp_path / "d" / "rows.parquet")
+        code, out, err = run_cli("creator", "judge", rows, "--out", str(tmp_path / "j"), *http)
+        assert code == 0, err
+        assert "Adv" in out and "+100.0%" in out  # every personalised title is the longer one

@@ -108,7 +108,7 @@ def _ask(stage: Stage, chunk: pd.DataFrame, key: list[str], chat: ChatModel, att
         except LLMError as error:
             failed = pending[error.index or 0]
             row = dict(zip(key, chunk.iloc[failed][key].tolist(), strict=True))
-            raise UserError(f"{stage.name} stage, row {row}: {error}", where=stage.name) from None
+            raise UserError(f"{stage.name} stage, row {row}: {error}") from None
         for i, reply in zip(pending, replies, strict=True):
             answers[i], tries[i], results[i] = reply, attempt + 1, stage.parse(reply)
     return pd.DataFrame(
