@@ -15,7 +15,7 @@ import pandas as pd
 from hllm.config import LLMConfig
 from hllm.creator.llm import open_chat_model
 from hllm.creator.prompts import JUDGE
-from hllm.creator.stages import Parsed, PartStore, Stage, claim_folder, run_stage
+from hllm.creator.stages import Parsed, PartStore, Stage, claim_folder, run_stage, stage_values
 from hllm.errors import UserError
 from hllm.files import atomic_write, write_json
 
@@ -81,7 +81,7 @@ def judge_titles(
     answers = []
     for name, first, second in (("judge-ab", original, candidate), ("judge-ba", candidate, original)):
         table = run_stage(_stage(name, first, second), asked, PartStore(out / name, KEY), chat, **steps)
-        answers.append(_answers(table, name))
+        answers.append(stage_values(table, KEY, name))
     verdicts = (
         rows[[*KEY, original, candidate]]
         .merge(answers[0], on=KEY, how="left")
@@ -119,12 +119,6 @@ def judge_titles(
     }
     write_json(out / "report.json", report)
     return report
-
-
-def _answers(table: pd.DataFrame, name: str) -> pd.DataFrame:
-    if table.empty:
-        return pd.DataFrame(columns=[*KEY, name])
-    return table[[*KEY, "value"]].rename(columns={"value": name}).drop_duplicates(KEY, keep="last")
 
 
 def _read_rows(path: Path, columns: list[str]) -> pd.DataFrame:

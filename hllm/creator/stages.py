@@ -58,7 +58,8 @@ class PartStore:
 
     def append(self, frame: pd.DataFrame) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        number = int(self.parts()[-1].stem.split("-")[1]) + 1 if self.parts() else 0
+        parts = self.parts()
+        number = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
         atomic_write(
             self.folder / f"part-{number:05d}.parquet", lambda tmp: frame.to_parquet(tmp, index=False)
         )
@@ -124,6 +125,14 @@ def _ask(stage: Stage, chunk: pd.DataFrame, key: list[str], chat: ChatModel, att
             "prompt_version": stage.prompt_version,
         }
     )
+
+
+def stage_values(table: pd.DataFrame, key: list[str], name: str) -> pd.DataFrame:
+    """The key and the parsed value (renamed `name`) of every row a stage answered well."""
+    if table.empty:
+        return pd.DataFrame(columns=[*key, name])
+    ok = table[table["status"] == "ok"]
+    return ok[[*key, "value"]].rename(columns={"value": name}).drop_duplicates(key, keep="last")
 
 
 @contextmanager

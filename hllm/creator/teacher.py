@@ -27,8 +27,8 @@ from hllm.config import CreatorDataConfig, DataConfig, LLMConfig
 from hllm.creator.hallucination import REASONS, check_title, collect_brands
 from hllm.creator.llm import ChatModel, open_chat_model
 from hllm.creator.prompts import PROFILE, REWRITE, VERIFY
-from hllm.creator.stages import Parsed, PartStore, Stage, claim_folder, run_stage
-from hllm.data.dataset import TARGET_FROM_END, TITLE_FIELDS, SequenceData, prepare_dataset
+from hllm.creator.stages import Parsed, PartStore, Stage, claim_folder, run_stage, stage_values
+from hllm.data.dataset import TITLE_FIELDS, SequenceData, prepare_dataset
 from hllm.data.formats import locate, read_source
 from hllm.errors import UserError
 from hllm.files import atomic_write, write_json
@@ -74,12 +74,12 @@ def select_rows(data: SequenceData, catalogue: pd.DataFrame, settings: CreatorDa
     Users are taken in a seeded random order, so a larger `limit` extends a smaller one's sample.
     """
     order = np.random.default_rng(settings.seed).permutation(data.num_users)
+    _, targets = data.history_and_target("train")
     rows = []
     for user in order:
         history = data.history(int(user), "train")
-        target = data.items[data.offsets[user + 1] - TARGET_FROM_END["train"]]
         ids = [str(data.item_ids[i]) for i in history[-settings.history_items :]]
-        target_id = str(data.item_ids[target])
+        target_id = str(data.item_ids[targets[user]])
         has_title = target_id in catalogue.index and catalogue.at[target_id, "title"] != ""
         if not ids or not has_title:
             continue
@@ -197,12 +197,12 @@ def build_data(
 
     users = rows.drop_duplicates("user_id")
     profiles = run_stage(PROFILE_STAGE, users, PartStore(out / "profile", ["user_id"]), chat, **steps)
-    interests = _ok_values(profiles, ["user_id"], "interests")
+    interests = stage_values(profiles, ["user_id"], "interests")
     with_interests = rows.merge(interests, on="user_id")
     rewrites = run_stage(
         REWRITE_STAGE, with_interests, PartStore(out / "rewrite", ["user_id", "item_id"]), chat, **steps
     )
-    titled = with_interests.merge(_ok_values(rewrites, ["user_id", "item_id"], "personalised_title"))
+    titled = with_interests.merge(stage_values(rewrites, ["user_id", "item_id"], "personalised_title"))
     titled = _filter(titled, catalogue, settings, chat, out, steps)
 
     table = titled.drop(columns=["source_text"]).assign(
@@ -250,7 +250,7 @@ def _filter(
         checked = run_stage(
             VERIFY_STAGE, passed, PartStore(out / "verify", ["user_id", "item_id"]), chat, **steps
         )
-        said = _ok_values(checked, ["user_id", "item_id"], "verifier")
+        said = stage_values(checked, ["user_id", "item_id"], "verifier")
         titled = titled.merge(said, on=["user_id", "item_id"], how="left")
         invented = titled["verifier"] == "yes"
         titled.loc[invented, "reasons"] = titled.loc[invented, "reasons"].map(
@@ -258,13 +258,6 @@ def _filter(
         )
     titled["kept"] = titled["reasons"].map(len) == 0
     return titled
-
-
-def _ok_values(stage: pd.DataFrame, key: list[str], name: str) -> pd.DataFrame:
-    if stage.empty:
-        return pd.DataFrame(columns=[*key, name])
-    ok = stage[stage["status"] == "ok"]
-    return ok[[*key, "value"]].rename(columns={"value": name}).drop_duplicates(key, keep="last")
 
 
 def _rejections(table: pd.DataFrame) -> dict[str, int]:
