@@ -46,15 +46,16 @@ class PartStore:
     def parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
 
-    def read(self) -> pd.DataFrame:
+    def read(self, columns: list[str] | None = None) -> pd.DataFrame:
         parts = self.parts()
         if not parts:
             return pd.DataFrame()
-        return pd.concat([pd.read_parquet(part) for part in parts], ignore_index=True)
+        return pd.concat([pd.read_parquet(part, columns=columns) for part in parts], ignore_index=True)
 
     def done(self) -> set[tuple]:
-        table = self.read()
-        return set() if table.empty else set(table[self.key].itertuples(index=False, name=None))
+        """The keys already written (reading only the key columns)."""
+        table = self.read(self.key)
+        return set() if table.empty else set(table.itertuples(index=False, name=None))
 
     def append(self, frame: pd.DataFrame) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
