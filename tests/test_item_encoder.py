@@ -9,7 +9,7 @@ import torch
 from hllm.data.text import ItemTokens, PackedItems, pack_items, tokenize_items
 from hllm.errors import UserError
 from hllm.models.backbone import Backbone, load_backbone
-from hllm.models.item_encoder import ItemEncoder, row_layout
+from hllm.models.item_encoder import ItemEncoder, padded_layout, row_layout
 
 # fp32 on CPU: packed and one-at-a-time differ only by summation order (measured ~1e-6).
 ATOL = 1e-5
@@ -94,13 +94,33 @@ def test_splitting_into_rows_gives_the_same_embeddings(tiny_llama, max_tokens):
     torch.testing.assert_close(split, one_row, atol=1e-6, rtol=0)
 
 
-def test_row_layout_packs_whole_items_in_order():
+def test_row_layout_packs_whole_items_first_fit_decreasing():
     layout = row_layout(torch.tensor([3, 2, 4, 6]), max_tokens=5)
-    # Rows hold at most max(5, longest item = 6) tokens: [0, 0, 0, 1, 1] / [2 x 4] / [3 x 6].
+    # Rows hold at most max(5, longest item = 6) tokens. Longest first: item 3 fills row 0, item 2
+    # opens row 1, item 0 (3) does not fit its 2 free slots and opens row 2, item 1 (2) fills row 1.
     assert layout.shape == (3, 6)
-    assert layout.row.tolist() == [0] * 5 + [1] * 4 + [2] * 6
-    assert layout.column.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5]
+    assert layout.row.tolist() == [2] * 3 + [1] * 2 + [1] * 4 + [0] * 6
+    assert layout.column.tolist() == [0, 1, 2, 4, 5, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5]
     assert layout.item.tolist() == [0] * 3 + [1] * 2 + [2] * 4 + [3] * 6
+
+
+def test_padded_layout_puts_one_item_per_row():
+    layout = padded_layout(torch.tensor([3, 1, 2]), width=4)
+    assert layout.shape == (3, 4)
+    assert layout.row.tolist() == [0, 0, 0, 1, 2, 2]
+    assert layout.column.tolist() == [0, 1, 2, 0, 0, 1]
+    assert padded_layout(torch.tensor([3, 5]), width=0).shape == (2, 5)  # to the longest item
+
+
+@pytest.mark.parametrize("pad_width", [0, 40])
+def test_padded_layout_gives_the_packed_embeddings(tiny_llama, pad_width):
+    encoder = ItemEncoder(tiny_llama, pooling="token").eval()
+    packed = pack_items(tokens_of(tiny_llama), np.array([4, 0, 1, 2, 3]), slots=1)
+    with torch.no_grad():
+        expected = encoder(packed)
+        encoder.layout, encoder.pad_width = "padded", pad_width
+        padded = encoder(packed)
+    torch.testing.assert_close(padded, expected, atol=1e-6, rtol=0)
 
 
 def test_gradients_reach_item_token_and_backbone():
