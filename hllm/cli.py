@@ -288,6 +288,60 @@ def bench_serve(
     typer.echo(f"{len(records)} measurements in {out / 'serve.json'}; table in {report}")
 
 
+@bench_app.command("speed")
+def bench_speed(
+    dataset: Annotated[str, typer.Option(help="Dataset whose item text is encoded.")] = (
+        "../shared/data/amazon-scientific"
+    ),
+    backbones: Annotated[str, typer.Option(help="Item LLMs (the first is speed.json's headline).")] = (
+        "minilm,smollm2-135m"
+    ),
+    caps: Annotated[str, typer.Option(help="Item text caps in tokens.")] = "64,256,512",
+    dtypes: Annotated[str, typer.Option(help="Encoding dtypes: fp32, bf16.")] = "fp32,bf16",
+    modes: Annotated[str, typer.Option(help="Item-side modes of the training step.")] = (
+        "finetune,lora,frozen"
+    ),
+    seconds: Annotated[float, typer.Option(help="Seconds per encoding measurement.")] = 4.0,
+    train_steps: Annotated[int, typer.Option(help="Timed training steps per setting.")] = 3,
+    out: Annotated[Path, typer.Option(help="Folder of speed.json (finished rows are kept).")] = Path(
+        "benchmarks"
+    ),
+    report: Annotated[Path, typer.Option(help="Markdown file whose Speed section is rewritten.")] = Path(
+        "BENCHMARKS.md"
+    ),
+    quick: Annotated[bool, typer.Option("--quick", help="Smoke run on tiny random models.")] = False,
+) -> None:
+    """Item encoding (packed vs padded), training step (per mode, MFU) and evaluation throughput."""
+    from hllm.bench.speed import SpeedSettings, quick_settings, run_speed
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+
+    def numbers(text: str) -> tuple[int, ...]:
+        if not all(part.strip().isdigit() for part in text.split(",")):
+            raise UserError(f"expected whole numbers like 64,256,512, got {text!r}", where="--caps")
+        return tuple(int(part) for part in text.split(","))
+
+    if unknown := set(names(dtypes)) - {"fp32", "bf16"}:
+        raise UserError(f"unknown dtype {sorted(unknown)[0]!r}: use fp32 or bf16", where="--dtypes")
+    if unknown := set(names(modes)) - {"finetune", "lora", "frozen"}:
+        raise UserError(f"unknown mode {sorted(unknown)[0]!r}: use finetune, lora or frozen", where="--modes")
+    settings = SpeedSettings(
+        dataset=dataset,
+        backbones=names(backbones),
+        caps=numbers(caps),
+        dtypes=names(dtypes),
+        modes=names(modes),
+        seconds=seconds,
+        train_steps=train_steps,
+    )
+    if quick:
+        settings = quick_settings(dataset)
+    command = " ".join(["hllm", *sys.argv[1:]])
+    summary = run_speed(settings, out, report=report, command=command)
+    typer.echo(f"{len(summary['records'])} measurements in {out / 'speed.json'}; tables in {report}")
+
+
 @app.command("demo")
 def demo(overrides: Overrides = None) -> None:
     """Prepare bundled ml-100k, train a small HLLM, compare with popularity, recommend."""

@@ -14,6 +14,7 @@ import torch
 from lightning.fabric.loggers import CSVLogger
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from hllm.config import RunConfig, config_to_dict, dump_config
@@ -112,11 +113,9 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
     model, tokens = build_model(config, data)
     if fabric.global_rank == 0:
         write_text(folder / "config.yaml", dump_config(config))
-    if fabric.world_size > 1:
-        model.gather = lambda x: fabric.all_gather(x, sync_grads=True).reshape(-1, x.shape[-1])
-        model.gather_ids = lambda x: fabric.all_gather(x).reshape(-1)
+    share_negatives(model, fabric)
     optimizer = torch.optim.AdamW(param_groups(model, config.train.weight_decay), lr=config.train.lr)
-    batches = make_batches(config, data, model, tokens, fabric)
+    batches = make_batches(config, data, model, tokens, rank=fabric.global_rank, world_size=fabric.world_size)
     steps_per_epoch = math.ceil(len(batches) / config.train.accumulate)
     total = steps_per_epoch * config.train.epochs
     if config.train.max_steps > 0:
@@ -182,7 +181,9 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
     return finish(fabric, config, folder, model, data, tokens, state, time.perf_counter() - started)
 
 
-def make_batches(config: RunConfig, data, model, tokens, fabric: L.Fabric) -> TrainBatches:
+def make_batches(
+    config: RunConfig, data, model, tokens, *, rank: int = 0, world_size: int = 1
+) -> TrainBatches:
     """This process's share of the training batches, with text only when the model reads it."""
     return TrainBatches(
         data,
@@ -192,9 +193,30 @@ def make_batches(config: RunConfig, data, model, tokens, fabric: L.Fabric) -> Tr
         seed=config.train.seed,
         item_tokens=tokens if model.needs_text else None,
         slots=model.item_slots,
-        rank=fabric.global_rank,
-        world_size=fabric.world_size,
+        rank=rank,
+        world_size=world_size,
     )
+
+
+def batch_loader(batches: TrainBatches, *, start: int, workers: int) -> DataLoader:
+    """Batches `start`.. of the epoch; with `workers`, built ahead in other processes so the model
+    never waits for them (each batch depends only on seed, epoch and number, so order and
+    content do not change with the worker count)."""
+    return DataLoader(
+        batches,
+        batch_size=None,  # items are whole batches already
+        sampler=range(start, len(batches)),
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+    )
+
+
+def share_negatives(model: nn.Module, fabric: L.Fabric) -> None:
+    """With several processes, every rank scores its positions against the negatives of all ranks:
+    embeddings are all-gathered with their gradient, ids without."""
+    if fabric.world_size > 1:
+        model.gather = lambda x: fabric.all_gather(x, sync_grads=True).reshape(-1, x.shape[-1])
+        model.gather_ids = lambda x: fabric.all_gather(x).reshape(-1)
 
 
 def _done(config: RunConfig, state: TrainState) -> bool:
@@ -211,10 +233,13 @@ def train_epoch(fabric, model, optimizer, scheduler, batches, *, config, state, 
         dynamic_ncols=True,
         leave=False,
     )
-    window_start, window_items = time.perf_counter(), 0
+    window_start, window_items, waited = time.perf_counter(), 0, 0.0
     model.train()
+    loader = iter(batch_loader(batches, start=state.batch, workers=config.train.num_workers))
     for index in bar:
-        batch = batches[index].to(fabric.device)
+        asked = time.perf_counter()
+        batch = next(loader).to(fabric.device)
+        waited += time.perf_counter() - asked
         stepping = (index + 1) % accumulate == 0 or index + 1 == len(batches)
         with fabric.no_backward_sync(model, enabled=not stepping):
             loss = model.training_loss(batch)
@@ -237,10 +262,11 @@ def train_epoch(fabric, model, optimizer, scheduler, batches, *, config, state, 
         stats = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], **model.module.last_stats}
         guard.check(stats)
         if state.step % config.train.log_every == 0:
-            seconds = time.perf_counter() - window_start
-            stats["items_per_s"] = window_items / max(seconds, 1e-9)
+            seconds = max(time.perf_counter() - window_start, 1e-9)
+            stats["items_per_s"] = window_items / seconds
+            stats["data_wait"] = waited / seconds  # share of the time spent waiting for batches
             fabric.log_dict({f"train/{k}": v for k, v in stats.items()}, step=state.step)
-            window_start, window_items = time.perf_counter(), 0
+            window_start, window_items, waited = time.perf_counter(), 0, 0.0
             bar.set_postfix(
                 loss=f"{stats['loss']:.3f}",
                 lr=f"{stats['lr']:.1e}",

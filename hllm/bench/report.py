@@ -113,3 +113,16 @@ def write_report(records: list[dict], out: Path, *, metric: str = "ndcg@10") -> 
         ]
     write_text(out / "report.md", "\n".join(parts))
     return out / "report.md"
+
+
+def write_markdown_section(path: Path, heading: str, body: str) -> None:
+    """Replace (or append) the `heading` section of a Markdown file, leaving other sections alone."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
+    if start is None:
+        lines += ["", heading, "", body.rstrip()]
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = [heading, "", body.rstrip(), ""]
+    write_text(path, "\n".join(lines).rstrip() + "\n")

@@ -21,9 +21,10 @@ import httpx
 import numpy as np
 import pandas as pd
 
+from hllm.bench.report import write_markdown_section
 from hllm.errors import UserError
 from hllm.export import load_artifact, read_manifest, write_catalogue, write_manifest
-from hllm.files import write_json, write_text
+from hllm.files import write_json
 from hllm.index import index_artifact, settings_of
 
 HEADING = "## Serving"
@@ -182,7 +183,7 @@ def bench_serve(
                 process.terminate()
                 process.wait(timeout=30)
     if report is not None:
-        write_benchmarks_section(report, serving_section(records))
+        write_markdown_section(report, HEADING, serving_section(records))
     return records
 
 
@@ -207,16 +208,3 @@ def serving_section(records: list[dict]) -> str:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     commands = [f"    {c}" for c in dict.fromkeys(r.get("command", "hllm bench serve") for r in records)]
     return "\n".join([f"On {machine}, from:", "", *commands, "", *rows, ""])
-
-
-def write_benchmarks_section(path: Path, body: str) -> None:
-    """Replace (or append) the "## Serving" section of BENCHMARKS.md, leaving other sections alone."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == HEADING), None)
-    if start is None:
-        lines += ["", HEADING, "", body.rstrip()]
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = [HEADING, "", body.rstrip(), ""]
-    write_text(path, "\n".join(lines).rstrip() + "\n")

@@ -144,9 +144,10 @@ class TrainBatches(Dataset):
         if self.data.timestamps is not None:
             rows = [self.data.timestamps[start:end] for _, start, end in spans]
             times = torch.from_numpy(left_pad(rows, self.max_history + 1, dtype=np.float64))
-        return self._collate(items, negatives, times)
+        return self.collate(items, negatives, times)
 
-    def _collate(self, items: np.ndarray, negatives: np.ndarray, times: Tensor | None = None) -> TrainBatch:
+    def collate(self, items: np.ndarray, negatives: np.ndarray, times: Tensor | None = None) -> TrainBatch:
+        """A batch of these windows (B, L+1) and negatives (K,) ids, with its items' text."""
         batch_items = np.union1d(items[items != PAD_ID], negatives)
         item_index = np.searchsorted(batch_items, items).clip(max=len(batch_items) - 1)
         item_index[items == PAD_ID] = 0
