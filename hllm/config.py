@@ -251,12 +251,116 @@ class CreatorDataConfig:
 
 
 @dataclass
+class CreativeModelConfig:
+    hllm_run: str = ""
+    """Folder of a trained HLLM run (`hllm train`); its User LLM gives the user embeddings."""
+    backbone: str = "smollm2-135m"
+    """Creative LLM: any causal LM (preset, folder, .gguf file or hub id); tests use tiny-llama."""
+    mode: Literal["full", "lora"] = "lora"
+    """Fine-tune the creative LLM fully or through LoRA adapters."""
+    lora_rank: int = 8
+    """LoRA rank (mode=lora)."""
+    lora_alpha: int = 16
+    """LoRA alpha (mode=lora)."""
+    user_embedding: Literal["last", "query"] = "last"
+    """last: the User LLM's output at the user's last item; query: at a learned token appended after it."""
+    train_hllm: bool = False
+    """Train the HLLM side (User LLM, adaptor) jointly; by default it stays frozen."""
+    max_fact_tokens: int = 96
+    """The item's selling points are cut to this many tokens in the prompt."""
+    max_title_tokens: int = 48
+    """Original and target titles are cut to this many tokens."""
+    max_profile_tokens: int = 48
+    """The interest profile (recon and align targets) is cut to this many tokens."""
+
+
+@dataclass
+class CreativeLossConfig:
+    creative: float = 1.0
+    """Weight of the causal LM loss on the target title (0 = off)."""
+    recon: float = 0.5
+    """Weight of reconstructing the interest profile from the projected user embedding (0 = off)."""
+    align: float = 0.1
+    """Weight of the symmetric InfoNCE between user embedding and profile encoding (0 = off)."""
+    cls: float = 0.5
+    """Weight of the user-item matching BCE that scores (cluster, item) pairs at inference (0 = off)."""
+    align_temperature: float = 0.05
+    """Initial align temperature (learnable; its inverse is clamped to [1, 100])."""
+    nce_threshold: float = 0.99
+    """Align: a negative whose cosine with the positive exceeds this is a duplicate, masked."""
+    cls_head: Literal["linear", "mixer"] = "mixer"
+    """Matching head over [user, item]: an MLP on the concatenation, or an MLP-Mixer on the 2 tokens."""
+    cls_dim: int = 256
+    """Width of the user and item towers."""
+    cls_blocks: int = 2
+    """MLP-Mixer blocks (cls_head=mixer)."""
+    cls_catalogue_negatives: int = 8
+    """Random catalogue items per row, besides the other rows' items, as cls negatives."""
+
+
+@dataclass
+class CreativeTrainConfig:
+    rows: str = ""
+    """rows.parquet of `hllm creator build-data` (or its folder); only kept rows are trained on."""
+    holdout: float = 0.2
+    """Share of users held out (all their rows) for validation and `hllm creator evaluate`."""
+    seed: int = 0
+    """Seed of the held-out user draw."""
+
+
+@dataclass
+class CreativeInferConfig:
+    clusters: int = 256
+    """k of the user k-means."""
+    kmeans_iterations: int = 40
+    """k-means iterations per restart."""
+    kmeans_restarts: int = 2
+    """k-means restarts; the lowest objective wins."""
+    top_n: int = 8
+    """Clusters kept per item, by matching score."""
+    threshold: float = 0.5
+    """Matching probability a (cluster, item) pair needs to get a title."""
+    items: list[str] = field(default_factory=list)
+    """Item ids to write titles for; empty = the whole catalogue."""
+    shard_users: int = 4096
+    """Users per embedding shard: what a crash can lose at most."""
+    batch_size: int = 64
+    """Users per User LLM pass."""
+    generate_batch: int = 8
+    """Titles generated together."""
+    max_new_tokens: int = 40
+    """Longest generated title, in tokens."""
+    temperature: float = 0.0
+    """0 = greedy (one deterministic title per pair); `generate --n` samples at 0.8 when 0."""
+    devices: int = 1
+    """Processes for the embedding step (or launch with torchrun / fabric run)."""
+
+
+@dataclass
+class CreativeEvalConfig:
+    limit: int = 0
+    """Held-out rows to evaluate (0 = all)."""
+    gsb: bool = False
+    """Also ask the judge LLM (creator.judge) for Good/Same/Bad against the original title."""
+    seed: int = 0
+    """Seed of the random-user ablation and of the other users the lift is measured against."""
+
+
+@dataclass
 class CreatorConfig:
     data: CreatorDataConfig = field(default_factory=CreatorDataConfig)
     teacher: LLMConfig = field(default_factory=LLMConfig)
     """The LLM that profiles users and rewrites titles."""
     judge: LLMConfig = field(default_factory=LLMConfig)
     """The LLM that compares two titles for a user (Good/Same/Bad)."""
+    model: CreativeModelConfig = field(default_factory=CreativeModelConfig)
+    """The Creative LLM and where its user embeddings come from."""
+    loss: CreativeLossConfig = field(default_factory=CreativeLossConfig)
+    train: CreativeTrainConfig = field(default_factory=CreativeTrainConfig)
+    """Creator training data; optimiser and schedule knobs are the run's `train.*`."""
+    infer: CreativeInferConfig = field(default_factory=CreativeInferConfig)
+    """Cluster-level inference (`hllm creator infer`) and generation settings."""
+    eval: CreativeEvalConfig = field(default_factory=CreativeEvalConfig)
 
 
 @dataclass
@@ -282,6 +386,8 @@ class RunConfig:
             raise UserError(
                 f"unknown metric {self.eval.metric!r}; use recall@k, ndcg@k or mrr", "eval.metric"
             )
+        if not 0.0 <= self.creator.train.holdout < 1.0:
+            raise UserError(f"must be in [0, 1), got {self.creator.train.holdout}", "creator.train.holdout")
         for key, value in (
             ("train.batch_size", self.train.batch_size),
             ("train.accumulate", self.train.accumulate),
@@ -301,6 +407,15 @@ class RunConfig:
             ("creator.teacher.attempts", self.creator.teacher.attempts),
             ("creator.judge.concurrency", self.creator.judge.concurrency),
             ("creator.judge.attempts", self.creator.judge.attempts),
+            ("creator.infer.clusters", self.creator.infer.clusters),
+            ("creator.infer.top_n", self.creator.infer.top_n),
+            ("creator.infer.shard_users", self.creator.infer.shard_users),
+            ("creator.infer.batch_size", self.creator.infer.batch_size),
+            ("creator.infer.generate_batch", self.creator.infer.generate_batch),
+            ("creator.infer.max_new_tokens", self.creator.infer.max_new_tokens),
+            ("creator.infer.devices", self.creator.infer.devices),
+            ("creator.loss.cls_dim", self.creator.loss.cls_dim),
+            ("creator.loss.cls_blocks", self.creator.loss.cls_blocks),
         ):
             if value < 1:
                 raise UserError(f"must be at least 1, got {value}", where=key)

@@ -130,3 +130,163 @@ def serve_llm_command(
         raise UserError(f"${api_key_env} is not set", where="--api-key-env")
     typer.echo(f"serving {model} at http://{host}:{port}/v1")
     run_llm_server(LocalChat(run.creator.teacher), host=host, port=port, api_key=key)
+
+
+@creator_app.command("train")
+def train_command(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/creator-demo.yaml).")],
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+) -> None:
+    """Train the Creative LLM on build-data rows (kept rows of the training users); writes runs/NAME/."""
+    from hllm.creator.training import fit_creator
+
+    result = fit_creator(load_config(config, overrides), resume=resume)
+    table = Table(title="Creator training", show_header=False)
+    for key in ("steps", "epochs", "train_rows", "held_out_users", "trainable_params", "seconds"):
+        table.add_row(key, str(result[key]))
+    if result["valid_history"] and result["valid_history"][-1]:
+        last = result["valid_history"][-1]
+        table.add_row("held-out loss", "  ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "epoch"))
+    Console().print(table)
+
+
+@creator_app.command("generate")
+def generate_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by hllm creator train.")],
+    user: Annotated[str, typer.Option("--user", help="A user id of the dataset.")],
+    item: Annotated[str, typer.Option("--item", help="An item id of the catalogue.")],
+    n: Annotated[int, typer.Option("--n", help="Titles to sample.")] = 3,
+) -> None:
+    """Personalised titles of ITEM for USER, beside the original title and the user's recent items."""
+    from hllm.creator.generation import personalise
+    from hllm.creator.training import load_creator
+
+    if n < 1:
+        raise UserError(f"must be at least 1, got {n}", where="--n")
+    result = personalise(load_creator(run_dir), user, item, n=n)
+    console = Console()
+    console.print(f"[bold]user {user}[/], most recent items:")
+    for title in result["recent_history"]:
+        console.print(f"  - {title}")
+    table = Table(title=f"item {item}")
+    table.add_column("")
+    table.add_column("title")
+    table.add_column("filter")
+    table.add_row("original", result["original_title"], "")
+    for number, title in enumerate(result["titles"], 1):
+        table.add_row(f"for user {number}", title["title"], ", ".join(title["reasons"]) or "kept")
+    console.print(table)
+
+
+@creator_app.command("infer")
+def infer_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by hllm creator train.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (resumed when it exists).")],
+    items: Annotated[
+        str | None,
+        typer.Option("--items", help="Item ids to title, ID,ID,... (default: creator.infer.items)."),
+    ] = None,
+) -> None:
+    """Cluster-level titles: embed every user, k-means, top-N clusters per item, one title per pair.
+
+    Several processes: torchrun --nproc_per_node 4 -m hllm creator infer RUN --out DIR
+    (with creator.infer.devices=4 in the run's config.yaml)."""
+    from hllm.creator.infer import start_infer
+
+    report = start_infer(run_dir, out, items=items.split(",") if items else None)
+    if report:
+        table = Table(title=f"Creator inference: {out}", show_header=False)
+        for key, value in report.items():
+            table.add_row(key.replace("_", " "), str(value))
+        Console().print(table)
+
+
+@creator_app.command("lookup")
+def lookup_command(
+    infer_dir: Annotated[Path, typer.Argument(help="An output folder of hllm creator infer.")],
+    user: Annotated[str, typer.Option("--user", help="A user id.")],
+    item: Annotated[str, typer.Option("--item", help="An item id.")],
+) -> None:
+    """The title to show USER for ITEM: its cluster's title, or the original when there is none."""
+    from hllm.creator.infer import lookup_title
+
+    title, source = lookup_title(infer_dir, user, item)
+    typer.echo(f"{title}\t({source})")
+
+
+@creator_app.command("evaluate")
+def evaluate_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by hllm creator train.")],
+    overrides: Overrides = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/eval).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Held-out rows (0 = all).")] = None,
+    gsb: Annotated[bool, typer.Option("--gsb", help="Also ask the judge LLM for Good/Same/Bad.")] = False,
+    backend: Backend = None,
+    model: Model = None,
+    base_url: BaseUrl = None,
+) -> None:
+    """Creator titles for held-out users vs the original: hallucination rate, HLLM-as-judge wins and
+    personalisation lift, with the random-user and no-user ablations (and GSB with --gsb)."""
+    from hllm.creator.evaluate import evaluate_creator
+    from hllm.creator.training import load_creator
+
+    run = load_creator(run_dir)
+    flags = load_config(None, [*_llm_overrides("judge", backend, model, base_url), *(overrides or [])])
+    settings = run.config.creator.eval
+    ask = gsb or settings.gsb
+    result = evaluate_creator(
+        run,
+        out or Path(run_dir) / "eval",
+        judge=flags.creator.judge if ask else None,
+        limit=settings.limit if limit is None else limit,
+        seed=settings.seed,
+    )
+    Console().print(evaluation_table(result))
+
+
+def evaluation_table(result: dict) -> Table:
+    from hllm.creator.evaluate import VARIANTS
+
+    table = Table(title=f"Creator titles vs original, {result['rows']} held-out rows")
+    table.add_column("metric")
+    for variant in VARIANTS:
+        table.add_column(variant.replace("_", " "), justify="right")
+    for key in result[VARIANTS[0]]:
+        values = [result[variant][key] for variant in VARIANTS]
+        table.add_row(
+            key.replace("_", " "), *(f"{v:+.4f}" if isinstance(v, float) else str(v) for v in values)
+        )
+    return table
+
+
+@creator_app.command("demo")
+def demo_command(
+    out: Annotated[Path, typer.Option("--out", help="Demo folder (resumed when it exists).")] = Path(
+        "runs/creator-demo"
+    ),
+    limit: Annotated[int, typer.Option("--limit", help="amazon-scientific users sent to the teacher.")] = 150,
+) -> None:
+    """The whole Creator path on amazon-scientific: build data, train, cluster, generate, evaluate."""
+    import pandas as pd
+
+    from hllm.creator.demo import run_creator_demo
+
+    console = Console()
+    result = run_creator_demo(out, limit=limit, console=console)
+    console.print(evaluation_table(result))
+    examples = pd.read_parquet(out / "eval" / "generated.parquet").head(5)
+    table = Table(
+        title="held-out users: original title -> Creator title (own user / a random user's embedding)"
+    )
+    for column in ("user", "original", "full", "random user"):
+        table.add_column(column)
+    for row in examples.itertuples():
+        table.add_row(row.user_id, row.original_title, row.full, row.random_user)
+    console.print(table)
+    seconds = result["seconds"]
+    console.print(
+        "seconds: "
+        + ", ".join(f"{k} {v:g}" for k, v in seconds.items())
+        + f"; total {sum(seconds.values()):.0f}"
+    )

@@ -1,0 +1,154 @@
+"""Creator training rows: rows.parquet of `hllm creator build-data` -> tokenised examples ->
+batches padded to their longest sequence, with cls negatives from the batch and the catalogue.
+
+Users, not rows, are held out, so evaluation never sees a user the Creative LLM trained on.
+Dims: B rows, L history, K negatives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hllm.creator.layout import PromptLayout, Sequence, pad
+from hllm.creator.model import CreatorBatch, left_pad
+from hllm.data.dataset import SequenceData
+from hllm.errors import UserError
+
+ROW_COLUMNS = (
+    "user_id",
+    "history_item_ids",
+    "item_id",
+    "original_title",
+    "selling_points",
+    "interests",
+    "personalised_title",
+    "kept",
+)
+
+
+def read_rows(path: str | Path) -> pd.DataFrame:
+    """rows.parquet (or the folder holding it), every column training and evaluation read checked."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "rows.parquet"
+    if not path.is_file():
+        raise UserError("no rows here: run `hllm creator build-data` first", where=str(path))
+    try:
+        rows = pd.read_parquet(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"not a Parquet file ({str(err).splitlines()[0]})", where=str(path)) from None
+    if missing := [name for name in ROW_COLUMNS if name not in rows.columns]:
+        raise UserError(f"missing column(s) {', '.join(missing)}", where=str(path))
+    rows["user_id"] = rows["user_id"].astype(str)
+    rows["item_id"] = rows["item_id"].astype(str)
+    return rows.reset_index(drop=True)
+
+
+def held_out_users(rows: pd.DataFrame, share: float, seed: int) -> list[str]:
+    """A seeded draw of `share` of the rows' users (at least one when share > 0 and there are two)."""
+    users = sorted(rows["user_id"].unique())
+    count = min(len(users) - 1, max(1, round(share * len(users)))) if share > 0 else 0
+    chosen = np.random.default_rng(seed).permutation(len(users))[:count]
+    return sorted(users[i] for i in chosen)
+
+
+def history_before(data: SequenceData, user: int, item: int) -> np.ndarray:
+    """The user's training items before `item` (its last occurrence); all of them if absent.
+
+    build-data's target is the last training item, so this is that item's history."""
+    sequence = data.sequence(user)
+    training = sequence[: max(len(sequence) - 2, 0)]  # valid and test targets stay unseen
+    where = np.flatnonzero(training == item)
+    return training[: where[-1]] if len(where) else training
+
+
+@dataclass
+class Example:
+    history: np.ndarray  # internal item ids, oldest first
+    creative: Sequence
+    recon: Sequence
+    profile: list[int]
+    item: int  # internal id of the row's item
+
+
+def make_examples(rows: pd.DataFrame, data: SequenceData, layout: PromptLayout) -> list[Example]:
+    """One example per row; an unknown user or item id is a one-line error naming it."""
+    examples = []
+    for row in rows.itertuples(index=False):
+        user, item = data.user_index(row.user_id), data.item_index(row.item_id)
+        interests = list(row.interests) if row.interests is not None else []
+        examples.append(
+            Example(
+                history_before(data, user, item),
+                layout.creative(row.original_title, row.selling_points, row.personalised_title),
+                layout.recon(interests),
+                layout.profile(interests),
+                item,
+            )
+        )
+    return examples
+
+
+class CreatorBatches:
+    """Seeded, epoch-shuffled batches of examples; batch `index` of an epoch is always the same.
+
+    cls negatives of a row: the other rows' items plus `catalogue_negatives` random items; a
+    negative equal to the row's own item or in its history does not count.
+    """
+
+    def __init__(
+        self,
+        examples: list[Example],
+        *,
+        batch_size: int,
+        max_history: int,
+        num_items: int,
+        pad_id: int,
+        catalogue_negatives: int = 8,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        self.examples, self.batch_size, self.max_history = examples, batch_size, max_history
+        self.num_items, self.pad_id, self.catalogue_negatives = num_items, pad_id, catalogue_negatives
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch = 0
+        self.order = np.arange(len(examples))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.shuffle:
+            self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.examples) / self.batch_size)
+
+    def __getitem__(self, index: int) -> CreatorBatch:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        chosen = [
+            self.examples[i] for i in self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        ]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        items = torch.tensor([example.item for example in chosen])
+        others = items.unsqueeze(0).expand(len(chosen), -1)[~torch.eye(len(chosen), dtype=torch.bool)]
+        drawn = torch.from_numpy(rng.integers(1, self.num_items, (len(chosen), self.catalogue_negatives)))
+        negatives = torch.cat([others.reshape(len(chosen), -1), drawn], dim=1)  # (B, B-1+K)
+        seen = [set(example.history.tolist()) | {example.item} for example in chosen]
+        valid = torch.tensor(
+            [[int(n) not in seen[r] for n in row] for r, row in enumerate(negatives.tolist())]
+        )
+        return CreatorBatch(
+            history=left_pad([example.history for example in chosen], self.max_history),
+            creative=pad([example.creative for example in chosen], self.pad_id),
+            recon=pad([example.recon for example in chosen], self.pad_id),
+            profile=pad([Sequence(e.profile, [0] * len(e.profile)) for e in chosen], self.pad_id),
+            items=items,
+            negatives=negatives,
+            valid=valid.reshape(negatives.shape).bool(),
+        )

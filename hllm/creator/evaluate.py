@@ -1,0 +1,164 @@
+"""`hllm creator evaluate`: Creator titles for held-out users, judged three ways, with the ablations.
+
+Variants: `full` (the user's own embedding), `random_user` (another held-out user's embedding)
+and `no_user` (no [USER] slot). Judges:
+- the hallucination filter (share of titles it rejects);
+- HLLM as judge: the trained HLLM encodes a title as the item's text with that title and scores it
+  against the user's HLLM embedding. `wins_over_original`: share of rows whose title outscores the
+  original for its own user; `personalisation_lift`: mean of (own user's gain over the original)
+  minus (another held-out user's gain), so a title that is merely better for everyone lifts nothing;
+- optionally GSB from the judge LLM of the Creator-data issue (both orders).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hllm.config import LLMConfig
+from hllm.creator.dataset import history_before
+from hllm.creator.generation import Catalogue, generate_titles, user_slots
+from hllm.creator.judge import judge_titles
+from hllm.creator.model import left_pad
+from hllm.creator.training import CreatorRun
+from hllm.data.dataset import TITLE_FIELDS
+from hllm.data.formats import locate, read_source
+from hllm.data.text import build_item_text, pack_items, tokenize_items
+from hllm.errors import UserError
+from hllm.evaluate import item_table
+from hllm.files import atomic_write, hash_json, write_json
+from hllm.models.backbone import load_backbone
+from hllm.runs import Run, load_run
+
+VARIANTS = ("full", "random_user", "no_user")
+
+
+def other_rows(count: int, seed: int) -> np.ndarray:
+    """A random cyclic shift of 0..count-1: every row gets another row, never itself."""
+    if count < 2:
+        raise UserError("evaluation needs at least two held-out rows (raise creator.train.holdout)")
+    shift = int(np.random.default_rng(seed).integers(1, count))
+    return (np.arange(count) + shift) % count
+
+
+class TitleScorer:
+    """The HLLM as a judge: embeds an item's text with a given title, scores it for a user."""
+
+    def __init__(self, hllm: Run, item_table: Tensor) -> None:
+        self.hllm, self.table = hllm, item_table
+        data_config = hllm.config.data
+        _, items = read_source(locate(data_config), data_config)
+        self.items = items.drop_duplicates("item", keep="last").set_index("item")
+        self.title_field = next(name for name in TITLE_FIELDS if name in self.items.columns)
+        self.fields = hllm.data.stats.get("text_fields") or [c for c in self.items.columns]
+        self.tokenizer = load_backbone(hllm.config.model.item.backbone, pretrained=False).tokenizer
+
+    @torch.no_grad()
+    def users(self, histories: list[np.ndarray]) -> Tensor:
+        """The HLLM's user embeddings (B, D) (its prediction of the next item)."""
+        padded = left_pad(histories, self.hllm.config.data.max_history).to(self.table.device)
+        return self.hllm.model.encode_users(padded, self.table)
+
+    @torch.no_grad()
+    def titles(self, item_ids: list[str], titles: list[str]) -> Tensor:
+        """Embeddings (B, D) of each item's text with its title replaced."""
+        config = self.hllm.config.data
+        table = self.items.reindex(item_ids).reset_index(drop=True)
+        table[self.title_field] = titles
+        texts = build_item_text(table, self.fields, config.prompt, config.field_separator).tolist()
+        tokens = tokenize_items(texts, self.tokenizer, config.max_text_tokens)
+        model = self.hllm.model
+        packed = pack_items(tokens, np.arange(len(texts)), slots=model.item_slots).to(self.table.device)
+        return model.encode_items(torch.arange(len(texts), device=self.table.device), packed)
+
+
+def _scorer(run: CreatorRun) -> TitleScorer:
+    """The HLLM the Creator was built on; reloaded when the Creator trained it further."""
+    if not run.config.creator.model.train_hllm:
+        return TitleScorer(run.hllm, run.model.item_table)
+    hllm = load_run(run.config.creator.model.hllm_run)
+    config = hllm.config.eval
+    return TitleScorer(
+        hllm, item_table(hllm.model, hllm.data.num_items, hllm.item_tokens, batch_size=config.item_batch_size)
+    )
+
+
+def variant_metrics(
+    own: Tensor, other: Tensor, titles: Tensor, originals: Tensor, rejected: list[bool], identical: list[bool]
+) -> dict[str, float]:
+    """The table's figures for one variant from (B, D) user, title and original embeddings."""
+    gain_own = ((own * titles).sum(-1) - (own * originals).sum(-1)).float()  # (B,)
+    gain_other = ((other * titles).sum(-1) - (other * originals).sum(-1)).float()
+    return {
+        "wins_over_original": float((gain_own > 0).float().mean()),
+        "mean_gain": float(gain_own.mean()),
+        "personalisation_lift": float((gain_own - gain_other).mean()),
+        "hallucination_rate": float(np.mean(rejected)),
+        "identical_to_original": float(np.mean(identical)),
+    }
+
+
+def evaluate_creator(
+    run: CreatorRun, out: str | Path, *, judge: LLMConfig | None = None, limit: int = 0, seed: int = 0
+) -> dict:
+    """Generate every variant for the held-out rows and judge them: OUT/generated.parquet, metrics.json."""
+    out = Path(out)
+    rows = run.rows[run.rows["user_id"].isin(run.held_out)].reset_index(drop=True)
+    rows = rows.head(limit) if limit else rows
+    data, settings = run.hllm.data, run.config.creator.infer
+    max_history = run.hllm.config.data.max_history
+    histories = [
+        history_before(data, data.user_index(user), data.item_index(item))
+        for user, item in zip(rows["user_id"], rows["item_id"], strict=True)
+    ]
+    catalogue = Catalogue.read(run.hllm.config.data, run.config.creator.data.fact_chars)
+    facts = [catalogue.facts(item) for item in rows["item_id"]]
+    own_slots = user_slots(run.model, histories, max_history, batch_size=settings.batch_size)
+    random_user = other_rows(len(rows), seed)
+    slots = {"full": own_slots, "random_user": own_slots[random_user], "no_user": None}
+    generated = rows[
+        ["user_id", "item_id", "original_title", "selling_points", "history", "interests"]
+    ].copy()
+    for variant in VARIANTS:
+        titles = generate_titles(
+            run.model,
+            facts,
+            slots[variant],
+            batch_size=settings.generate_batch,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=0.0,
+        )
+        generated[variant] = [title[0] for title in titles]
+    generated["random_user_id"] = rows["user_id"].to_numpy()[random_user]
+    atomic_write(out / "generated.parquet", lambda tmp: generated.to_parquet(tmp, index=False))
+
+    scorer = _scorer(run)
+    own = scorer.users(histories)
+    other = own[torch.as_tensor(other_rows(len(rows), seed + 1))]
+    originals = scorer.titles(list(generated["item_id"]), list(generated["original_title"]))
+    result: dict = {"rows": len(rows), "users": int(rows["user_id"].nunique())}
+    for variant in VARIANTS:
+        verdicts = [
+            catalogue.check(item, title, allowed_text=" ".join(interests))
+            for item, title, interests in zip(
+                generated["item_id"], generated[variant], generated["interests"], strict=True
+            )
+        ]
+        identical = [
+            t.strip() == o.strip()
+            for t, o in zip(generated[variant], generated["original_title"], strict=True)
+        ]
+        embedded = scorer.titles(list(generated["item_id"]), list(generated[variant]))
+        result[variant] = variant_metrics(
+            own, other, embedded, originals, [not v.kept for v in verdicts], identical
+        )
+        if judge is not None:
+            # a folder per set of titles: a judge folder resumes its answers by (user, item)
+            folder = out / f"judge-{variant}-{hash_json(list(generated[variant]))[:8]}"
+            report = judge_titles(out / "generated.parquet", folder, judge, candidate=variant)
+            result[variant] |= {key: report[key] for key in ("good", "same", "bad", "adv")}
+    write_json(out / "metrics.json", result)
+    return result

@@ -1,0 +1,74 @@
+"""The Creator's losses as plain functions of tensors, all in fp32: target-token cross entropy
+(creative and recon), symmetric InfoNCE (align) and user-item matching BCE (cls).
+
+Dims: B rows, T tokens, H width, K negatives per row, C tower width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hllm.models.losses import info_nce
+
+IGNORE = -100  # label of a token that is not predicted
+
+
+def target_token_loss(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor]) -> Tensor:
+    """Causal LM loss over the labelled tokens only, mean over them.
+
+    Position t predicts token t + 1, so only the hidden states just before a label reach the LM
+    head: no (B, T, V) logits for the prompt (the reference computed them for every token).
+
+    Args:
+        hidden: (B, T, H) last hidden states.
+        labels: (B, T) token ids, IGNORE where the token is not a target.
+        head: the LM head, (n, H) -> (n, V).
+    """
+    next_labels = labels[:, 1:]  # (B, T-1)
+    predicting = next_labels != IGNORE
+    logits = head(hidden[:, :-1][predicting]).float()  # (n, V)
+    return F.cross_entropy(logits, next_labels[predicting])
+
+
+def align_loss(user: Tensor, profile: Tensor, scale: Tensor, *, threshold: float = 0.99) -> Tensor:
+    """Symmetric InfoNCE between each row's user vector and its profile encoding, in-batch negatives.
+
+    In each direction a candidate whose cosine with the row's positive exceeds `threshold` (the row
+    itself, or a duplicate profile/user) is masked, so identical profiles are never pushed apart.
+
+    Args:
+        user: (B, D) user vectors (normalised inside).
+        profile: (B, D) profile encodings (normalised inside).
+        scale: scalar inverse temperature.
+    """
+    forward = info_nce(user, profile, profile, scale, threshold=threshold).loss
+    backward = info_nce(profile, user, user, scale, threshold=threshold).loss
+    return 0.5 * (forward + backward)
+
+
+def matching_loss(
+    head: Callable[[Tensor, Tensor], Tensor], users: Tensor, items: Tensor, negatives: Tensor, valid: Tensor
+) -> Tensor:
+    """BCE of user-item matching: each row's own item is a positive, its valid negatives are 0.
+
+    Mean over every scored pair (the positives and the valid negatives).
+
+    Args:
+        head: (n, C) users, (n, C) items -> (n,) logits.
+        users: (B, C) user-tower outputs.
+        items: (B, C) item-tower outputs of each row's own item.
+        negatives: (B, K, C) item-tower outputs of the negatives.
+        valid: (B, K) bool, False for a negative that must not count (the row's own item, an item
+            of the user's history).
+    """
+    batch, k = valid.shape
+    positive = head(users, items)  # (B,)
+    paired = users.unsqueeze(1).expand(-1, k, -1)[valid]  # (m, C)
+    negative = head(paired, negatives[valid])  # (m,)
+    logits = torch.cat([positive, negative]).float()
+    labels = torch.cat([torch.ones_like(positive), torch.zeros_like(negative)]).float()
+    return F.binary_cross_entropy_with_logits(logits, labels)

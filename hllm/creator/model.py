@@ -1,0 +1,260 @@
+"""CreativeLLM: an HLLM user embedding, projected into a causal LM's input space, written into the
+[USER] slot of the prompt; the LM writes the title for that user.
+
+Losses (each weighted, 0 = off): creative (the target title), recon (the interest profile from the
+same slot vector), align (InfoNCE between the user embedding and the LM's encoding of the profile),
+cls (user-item matching; scores (cluster, item) pairs at inference).
+Dims: B rows, L history, T tokens, Du User LLM width, H creative width, K negatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hllm.creator.heads import Matcher
+from hllm.creator.layout import Padded, PromptLayout, Sequence, pad
+from hllm.creator.losses import align_loss, matching_loss, target_token_loss
+from hllm.data.text import ItemTokens, pack_items
+from hllm.models.hllm import HLLM
+from hllm.models.losses import LogitScale
+
+UserEmbedding = Literal["last", "query"]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    creative: float = 1.0
+    recon: float = 0.0
+    align: float = 0.0
+    cls: float = 0.0
+
+
+@dataclass
+class CreatorBatch:
+    """One training batch: histories, the three padded sequences, and the cls candidates."""
+
+    history: Tensor  # (B, L) internal item ids, left-padded with 0
+    creative: Padded  # prompt + target title
+    recon: Padded  # [USER] cue + profile
+    profile: Padded  # profile + [END]; labels unused
+    items: Tensor  # (B,) each row's item (the cls positive)
+    negatives: Tensor  # (B, K) cls negative item ids
+    valid: Tensor  # (B, K) bool: which negatives count
+
+    @property
+    def mask(self) -> Tensor:
+        """(B,) the rows, which the training loop counts for its throughput."""
+        return torch.ones(len(self.items), dtype=torch.bool)
+
+    def to(self, device: torch.device | str) -> CreatorBatch:
+        return CreatorBatch(
+            self.history.to(device),
+            self.creative.to(device),
+            self.recon.to(device),
+            self.profile.to(device),
+            self.items.to(device),
+            self.negatives.to(device),
+            self.valid.to(device),
+        )
+
+
+class CreativeLLM(nn.Module):
+    """HLLM (frozen unless `train_hllm`) + projector + causal LM + the auxiliary heads.
+
+    Args:
+        hllm: a trained HLLM; its User LLM gives the user embedding.
+        lm: a causal LM with its LM head (full or with LoRA adapters).
+        layout: the prompt layout over the LM's tokenizer.
+        item_tokens: the catalogue's HLLM item tokens, needed only when the HLLM is trained and
+            reads text (otherwise item embeddings are computed once, in `item_table`).
+    """
+
+    def __init__(
+        self,
+        hllm: HLLM,
+        lm: nn.Module,
+        layout: PromptLayout,
+        *,
+        user_width: int,
+        weights: LossWeights,
+        user_embedding: UserEmbedding = "last",
+        train_hllm: bool = False,
+        item_tokens: ItemTokens | None = None,
+        cls_dim: int = 256,
+        cls_head: Literal["linear", "mixer"] = "mixer",
+        cls_blocks: int = 2,
+        align_temperature: float = 0.05,
+        nce_threshold: float = 0.99,
+    ) -> None:
+        super().__init__()
+        self.hllm, self.lm, self.layout = hllm, lm, layout
+        self.weights, self.user_embedding, self.train_hllm = weights, user_embedding, train_hllm
+        self.item_tokens, self.nce_threshold = item_tokens, nce_threshold
+        if not train_hllm:
+            hllm.requires_grad_(False)
+        width = lm.get_input_embeddings().embedding_dim
+        self.projector = nn.Linear(user_width, width, bias=False)
+        # A unit-norm user vector then lands with the norm of an average token embedding.
+        token_norm = lm.get_input_embeddings().weight.detach().float().norm(dim=-1).mean()
+        nn.init.normal_(self.projector.weight, std=float(token_norm) / width**0.5)
+        self.query = nn.Parameter(torch.randn(user_width) * 0.02) if user_embedding == "query" else None
+        self.align_projector = nn.Linear(user_width, width, bias=False)
+        self.end_token = nn.Parameter(torch.randn(width) * 0.02)
+        self.align_scale = LogitScale(align_temperature)
+        self.matcher = Matcher(width, user_width, dim=cls_dim, head=cls_head, blocks=cls_blocks)
+        # Frozen HLLM: every item's normalised embedding, computed once (N, Du).
+        self.register_buffer("item_table", None, persistent=False)
+        self.last_stats: dict[str, float] = {}
+
+    def train(self, mode: bool = True) -> CreativeLLM:
+        super().train(mode)
+        if not self.train_hllm:
+            self.hllm.eval()  # a frozen HLLM never runs dropout
+        return self
+
+    @torch.no_grad()
+    def cache_item_table(self, *, batch_size: int = 256) -> None:
+        """Frozen HLLM: encode the whole catalogue once (row 0 = PAD)."""
+        if self.train_hllm:
+            return
+        device = self.projector.weight.device
+        count = len(self.hllm.item_cache) if self.hllm.item_cache is not None else len(self.item_tokens)
+        rows = [
+            self._encode_items(torch.arange(first, min(first + batch_size, count), device=device))
+            for first in range(0, count, batch_size)
+        ]
+        self.item_table = torch.cat(rows)
+
+    def _encode_items(self, ids: Tensor) -> Tensor:
+        text = None
+        if self.hllm.needs_text:
+            text = pack_items(self.item_tokens, ids.cpu().numpy(), slots=self.hllm.item_slots).to(ids.device)
+        return self.hllm.encode_items(ids, text)
+
+    def item_vectors(self, ids: Tensor) -> Tensor:
+        """Normalised HLLM item embeddings of any id tensor (..., ) -> (..., Du)."""
+        if self.item_table is not None:
+            return self.item_table[ids]
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        return self._encode_items(unique)[inverse]
+
+    def user_vectors(self, history: Tensor) -> Tensor:
+        """Normalised user embeddings (B, Du) of left-padded histories (B, L)."""
+        mask = history != 0
+        items = self.item_vectors(history) * mask.unsqueeze(-1)  # (B, L, Du)
+        encoder = self.hllm.user_encoder
+        if self.query is None:
+            hidden = encoder.last_state(items, mask)
+        else:
+            query = self.query.to(items.dtype).expand(len(items), 1, -1)
+            with_query = torch.cat([items, query], dim=1)  # (B, L+1, Du)
+            hidden = encoder(with_query, F.pad(mask, (0, 1), value=True))[:, -1]
+        return F.normalize(hidden.float(), dim=-1)
+
+    def slot_vectors(self, history: Tensor) -> Tensor:
+        """What the [USER] slot receives: the projected user embedding (B, H)."""
+        return self.projector(self.user_vectors(history))
+
+    def embed(self, padded: Padded, slots: Tensor | None) -> Tensor:
+        """Token embeddings (B, T, H) with each row's [USER] slot overwritten by `slots` (B, H)."""
+        embeddings = self.lm.get_input_embeddings()(padded.ids)
+        if slots is None:
+            return embeddings
+        rows = (padded.slot >= 0).nonzero().squeeze(-1)
+        return embeddings.index_put((rows, padded.slot[rows]), slots[rows].to(embeddings.dtype))
+
+    def hidden_states(self, padded: Padded, embeddings: Tensor) -> Tensor:
+        """The LM's last hidden states (B, T, H); positions count real tokens only."""
+        positions = (padded.mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.lm.base_model(
+            inputs_embeds=embeddings,
+            attention_mask=padded.mask.long(),
+            position_ids=positions,
+            use_cache=False,
+        ).last_hidden_state
+
+    def encode_profiles(self, padded: Padded) -> Tensor:
+        """The LM's normalised hidden state at each right-padded profile's [END] token (B, H)."""
+        end = padded.mask.sum(-1) - 1  # (B,)
+        rows = torch.arange(len(end), device=end.device)
+        embeddings = self.lm.get_input_embeddings()(padded.ids)
+        embeddings = embeddings.index_put(
+            (rows, end), self.end_token.to(embeddings.dtype).expand(len(end), -1)
+        )
+        hidden = self.hidden_states(padded, embeddings)[rows, end]
+        return F.normalize(hidden.float(), dim=-1)
+
+    def training_loss(self, batch: CreatorBatch) -> Tensor:
+        users = self.user_vectors(batch.history)  # (B, Du)
+        slots = self.projector(users)  # (B, H)
+        head = self.lm.get_output_embeddings()
+        losses: dict[str, Tensor] = {}
+        if self.weights.creative:
+            hidden = self.hidden_states(batch.creative, self.embed(batch.creative, slots))
+            losses["creative"] = target_token_loss(hidden, batch.creative.labels, head)
+        if self.weights.recon:
+            hidden = self.hidden_states(batch.recon, self.embed(batch.recon, slots))
+            losses["recon"] = target_token_loss(hidden, batch.recon.labels, head)
+        if self.weights.align:
+            profiles = self.encode_profiles(batch.profile)
+            aligned = self.align_projector(users)
+            losses["align"] = align_loss(aligned, profiles, self.align_scale(), threshold=self.nce_threshold)
+        if self.weights.cls:
+            tower = self.matcher.item_tower
+            losses["cls"] = matching_loss(
+                self.matcher.head,
+                self.matcher.user_tower(slots),
+                tower(self.item_vectors(batch.items)),
+                tower(self.item_vectors(batch.negatives)),
+                batch.valid,
+            )
+        total = sum(getattr(self.weights, name) * value for name, value in losses.items())
+        self.last_stats = {f"{name}_loss": value.item() for name, value in losses.items()}
+        return total
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[Sequence],
+        slots: Tensor | None,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        n: int = 1,
+    ) -> list[list[str]]:
+        """`n` titles per prompt (greedy at temperature 0): the first line of each answer."""
+        padded = pad(prompts, self.layout.placeholder, side="left").to(self.projector.weight.device)
+        tokenizer = self.layout.tokenizer
+        sampling = {"temperature": temperature, "top_p": 0.95} if temperature > 0 else {}
+        output = self.lm.generate(
+            inputs_embeds=self.embed(padded, slots),
+            attention_mask=padded.mask.long(),
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            do_sample=temperature > 0,
+            pad_token_id=self.layout.placeholder,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+        texts = [_first_line(text) for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
+        return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def left_pad(histories: list[np.ndarray], length: int) -> Tensor:
+    """The last `length` items of each history, left-padded with 0 -> (B, length)."""
+    rows = torch.zeros((len(histories), length), dtype=torch.long)
+    for row, history in enumerate(histories):
+        recent = history[-length:]
+        if len(recent):
+            rows[row, length - len(recent) :] = torch.as_tensor(recent, dtype=torch.long)
+    return rows

@@ -1,0 +1,291 @@
+"""CreativeLLM on tiny random models: the user slot, each loss against a hand-computed or library
+value, cls on one device, padding to the batch's longest sequence, the query-token user embedding."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hllm.config import load_config
+from hllm.creator.dataset import CreatorBatches, make_examples
+from hllm.creator.heads import ConcatHead, Matcher, MixerHead
+from hllm.creator.layout import IGNORE, pad
+from hllm.creator.losses import align_loss, matching_loss, target_token_loss
+from hllm.creator.training import build_creator
+from hllm.runs import load_run
+
+INTERESTS = (["science lab"], ["home office"], ["kids toy"])
+
+
+def cycle_rows(data) -> pd.DataFrame:
+    """One row per cycle user: its last training item, retitled for one of three interests."""
+    rows = []
+    for user in range(data.num_users):
+        training = data.sequence(user)[:-2]
+        item = int(training[-1])
+        interests = INTERESTS[user % 3]
+        title = data.item_titles[item]
+        rows.append(
+            {
+                "user_id": str(data.user_ids[user]),
+                "history_item_ids": [str(data.item_ids[i]) for i in training[:-1]],
+                "item_id": str(data.item_ids[item]),
+                "original_title": title,
+                "selling_points": f"description: a {title} for the desk",
+                "history": "\n".join(f"- {data.item_titles[i]}" for i in training[:-1]),
+                "interests": interests,
+                "personalised_title": f"{title} for {interests[0]}",
+                "reasons": [],
+                "kept": user % 4 != 3,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def hllm_run(tiny_run: Path):
+    return load_run(tiny_run)
+
+
+def tiny_creator(hllm_run, **overrides: object):
+    values = {
+        "creator.model.backbone": "tiny-llama",
+        "creator.model.mode": "full",
+        "creator.loss.cls_dim": 16,
+        **overrides,
+    }
+    config = load_config(None, [f"{key}={value}" for key, value in values.items()])
+    return build_creator(config, hllm_run)
+
+
+@pytest.fixture(scope="module")
+def creator(hllm_run):
+    model = tiny_creator(hllm_run, **{"creator.loss.recon": 1.0, "creator.loss.align": 1.0})
+    model.cache_item_table()
+    return model
+
+
+def batches_of(model, hllm_run, rows: pd.DataFrame, **kwargs) -> CreatorBatches:
+    examples = make_examples(rows, hllm_run.data, model.layout)
+    options = {"batch_size": 4, "max_history": 5, "num_items": hllm_run.data.num_items, **kwargs}
+    return CreatorBatches(examples, pad_id=model.layout.placeholder, **options)
+
+
+def test_user_embedding_lands_in_its_slot_and_nowhere_else(creator):
+    layout = creator.layout
+    prompts = [layout.prompt("red lamp", "a lamp"), layout.prompt("blue pen", "a pen for you")]
+    padded = pad(prompts, creator.layout.placeholder, side="left")
+    slots = torch.randn(2, creator.projector.out_features)
+    embedded = creator.embed(padded, slots)
+    plain = creator.lm.get_input_embeddings()(padded.ids)
+    for row in range(2):
+        slot = int(padded.slot[row])
+        assert padded.ids[row, slot] == creator.layout.placeholder
+        assert slot == int((~padded.mask[row]).sum()) + len(creator.layout._header)  # after the header
+        assert torch.equal(embedded[row, slot], slots[row])
+        others = torch.arange(padded.ids.shape[1]) != slot
+        assert torch.equal(embedded[row, others], plain[row, others])
+
+
+def test_user_embedding_changes_the_output_after_the_slot_only(creator):
+    padded = pad([creator.layout.prompt("red lamp", "a lamp")], creator.layout.placeholder)
+    slot = int(padded.slot[0])
+    with torch.no_grad():
+        first = creator.hidden_states(padded, creator.embed(padded, torch.randn(1, 32)))
+        second = creator.hidden_states(padded, creator.embed(padded, torch.randn(1, 32)))
+    assert torch.allclose(first[0, :slot], second[0, :slot])  # causal: the header cannot see the user
+    assert not torch.allclose(first[0, slot:], second[0, slot:], atol=1e-4)
+
+
+def test_different_histories_give_different_slot_vectors(creator):
+    history = torch.tensor([[0, 0, 1, 2, 3], [0, 0, 7, 8, 9]])
+    slots = creator.slot_vectors(history)
+    assert slots.shape == (2, creator.projector.out_features)
+    assert not torch.allclose(slots[0], slots[1])
+    # the slot vector's norm is set near an average token embedding's
+    token_norm = creator.lm.get_input_embeddings().weight.detach().norm(dim=-1).mean()
+    assert 0.3 < float(slots.detach().norm(dim=-1).mean() / token_norm) < 3
+
+
+def test_target_token_loss_by_hand():
+    # hidden states are the logits themselves (identity head), vocabulary of 3
+    hidden = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[IGNORE, 1, 2]])  # position 0 predicts token 1, position 1 predicts 2
+    expected = (-math.log(math.exp(0) / (math.exp(2) + 2)) - math.log(1 / (math.e + 2))) / 2
+    assert target_token_loss(hidden, labels, nn.Identity()).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_creative_and_recon_losses_equal_the_library_loss(creator, hllm_run):
+    rows = cycle_rows(hllm_run.data).head(4)
+    batch = batches_of(creator, hllm_run, rows, shuffle=False)[0]
+    weights = creator.weights
+    with torch.no_grad():
+        creator.training_loss(batch)
+        stats = dict(creator.last_stats)
+        slots = creator.slot_vectors(batch.history)
+        for name, padded in (("creative", batch.creative), ("recon", batch.recon)):
+            positions = (padded.mask.long().cumsum(-1) - 1).clamp(min=0)
+            reference = creator.lm(
+                inputs_embeds=creator.embed(padded, slots),
+                attention_mask=padded.mask.long(),
+                position_ids=positions,
+                labels=padded.labels,
+            ).loss
+            assert stats[f"{name}_loss"] == pytest.approx(reference.item(), rel=1e-5)
+    assert weights.recon == 1.0 and weights.align == 1.0
+
+
+def test_creative_labels_cover_the_target_title_and_eos_only(creator):
+    sequence = creator.layout.creative("red lamp", "a lamp", "red lamp for science lab")
+    target = [t for t, label in zip(sequence.ids, sequence.labels, strict=True) if label != IGNORE]
+    assert creator.layout.tokenizer.decode(target[:-1]).strip() == "red lamp for science lab"
+    assert target[-1] == creator.layout.eos
+    assert sequence.labels[: len(sequence.ids) - len(target)] == [IGNORE] * (len(sequence.ids) - len(target))
+
+
+def test_align_loss_by_hand():
+    user = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    profile = torch.tensor([[1.0, 1.0], [0.0, 1.0]])  # cosines: diag 1/sqrt2, 1; off 1/sqrt2 (u0,p0)...
+    scale = torch.tensor(2.0)
+    c = 1 / math.sqrt(2)
+    # user -> profile: row 0 positive cos(u0,p0)=c, negative cos(u0,p1)=0; row 1: pos 1, neg cos(u1,p0)=c
+    forward = (
+        -math.log(math.exp(2 * c) / (math.exp(2 * c) + 1))
+        - math.log(math.exp(2) / (math.exp(2) + math.exp(2 * c)))
+    ) / 2
+    # profile -> user: row 0 positive c, negative cos(p0,u1)=c; row 1 positive 1, negative cos(p1,u0)=0
+    backward = (-math.log(1 / 2) - math.log(math.exp(2) / (math.exp(2) + 1))) / 2
+    loss = align_loss(user, profile, scale, threshold=0.99)
+    assert loss.item() == pytest.approx((forward + backward) / 2, rel=1e-6)
+
+
+def test_align_loss_masks_duplicate_profiles():
+    user = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    same = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # two users, one identical profile
+    scale = torch.tensor(1.0)
+    # user -> profile: the other profile duplicates the positive, so only the positive is left
+    # (loss 0); profile -> user: the users differ, row 0 scores 1 vs 0, row 1 scores 0 vs 1
+    backward = (-math.log(math.e / (math.e + 1)) - math.log(1 / (1 + math.e))) / 2
+    assert align_loss(user, same, scale, threshold=0.99).item() == pytest.approx(backward / 2, rel=1e-6)
+    assert align_loss(user, same, scale, threshold=1.01).item() > backward  # no filter: pushed apart
+
+
+def test_matching_loss_by_hand():
+    def head(users, items):
+        return (users * items).sum(-1)
+
+    users = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    items = torch.tensor([[3.0, 0.0], [0.0, 1.0]])  # positives: logits 3 and 2
+    negatives = torch.tensor([[[1.0, 0.0], [0.0, 5.0]], [[0.0, -1.0], [7.0, 7.0]]])  # logits 1, 0 | -2, 14
+    valid = torch.tensor([[True, True], [True, False]])
+
+    def bce(logit: float, label: int) -> float:
+        p = 1 / (1 + math.exp(-logit))
+        return -math.log(p) if label else -math.log(1 - p)
+
+    expected = (bce(3, 1) + bce(2, 1) + bce(1, 0) + bce(0, 0) + bce(-2, 0)) / 5
+    assert matching_loss(head, users, items, negatives, valid).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("head", [ConcatHead(8), MixerHead(8, 2)])
+def test_matching_heads_score_each_pair_on_its_own(head):
+    users, items = torch.randn(5, 8), torch.randn(5, 8)
+    together = head(users, items)
+    alone = torch.stack([head(users[i : i + 1], items[i : i + 1])[0] for i in range(5)])
+    assert together.shape == (5,) and torch.allclose(together, alone, atol=1e-6)
+
+
+def test_cls_learns_on_one_process_with_catalogue_negatives(hllm_run):
+    weights = {"creative": 0, "recon": 0, "align": 0, "cls": 1}
+    model = tiny_creator(hllm_run, **{f"creator.loss.{name}": value for name, value in weights.items()})
+    model.cache_item_table()
+    rows = cycle_rows(hllm_run.data).head(1)  # batch of one: every negative is from the catalogue
+    batches = batches_of(model, hllm_run, rows, batch_size=1, catalogue_negatives=6, seed=1)
+    batch = batches[0]
+    assert batch.negatives.shape == (1, 6)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = model.training_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert set(model.last_stats) == {"cls_loss"}
+    # 1 positive and 6 negatives a head cannot tell apart cost their label entropy, 0.41:
+    # below it, the head separates the user's item from the catalogue's
+    floor = -(math.log(1 / 7) + 6 * math.log(6 / 7)) / 7
+    assert losses[0] > 0.5 * floor and losses[-1] < 0.5 * floor
+
+
+def test_batches_pad_to_their_longest_sequence_and_mark_bad_negatives(creator, hllm_run):
+    rows = cycle_rows(hllm_run.data)
+    rows.loc[1, "item_id"] = rows.loc[0, "item_id"]  # two rows share an item: not each other's negative
+    rows.loc[1, "original_title"] = rows.loc[0, "original_title"]
+    batches = batches_of(creator, hllm_run, rows, shuffle=False, catalogue_negatives=3)
+    batch = batches[0]
+    lengths = batch.creative.mask.sum(-1)
+    assert batch.creative.ids.shape[1] == int(lengths.max()) < 100  # the longest row, never a fixed length
+    assert batch.negatives.shape == (4, 3 + 3)
+    assert not batch.valid[0, 0]  # row 0's first in-batch negative is row 1's item, the same item
+    for row in range(4):
+        history = set(batch.history[row].tolist())
+        for item, ok in zip(batch.negatives[row].tolist(), batch.valid[row].tolist(), strict=True):
+            assert ok == (item != int(batch.items[row]) and item not in history)
+
+
+def test_batches_are_the_same_for_the_same_epoch(creator, hllm_run):
+    batches = batches_of(creator, hllm_run, cycle_rows(hllm_run.data), seed=3)
+    batches.set_epoch(2)
+    first = batches[1]
+    batches.set_epoch(0)
+    batches.set_epoch(2)
+    again = batches[1]
+    assert torch.equal(first.creative.ids, again.creative.ids)
+    assert torch.equal(first.negatives, again.negatives)
+
+
+def test_query_token_embedding_trains_and_differs_from_the_last_position(hllm_run):
+    model = tiny_creator(hllm_run, **{"creator.model.user_embedding": "query"})
+    model.cache_item_table()
+    history = torch.tensor([[0, 0, 1, 2, 3]])
+    last = F.normalize(
+        model.hllm.user_encoder.last_state(model.item_vectors(history), history != 0).float(), dim=-1
+    )
+    users = model.user_vectors(history)
+    assert not torch.allclose(users, last)
+    users.sum().backward()
+    assert model.query.grad is not None and model.query.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.hllm.parameters())  # the HLLM stays frozen
+
+
+def test_matcher_scores_every_pair(creator):
+    matcher = Matcher(6, 4, dim=8, head="mixer")
+    users, items = torch.randn(3, 6), torch.randn(5, 4)
+    scores = matcher.score_all(users, items, pairs_per_pass=4)
+    assert scores.shape == (3, 5)
+    with torch.no_grad():
+        expected = matcher(users[2:3], items[4:5]).sigmoid()
+    assert scores[2, 4].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_full_training_loss_backpropagates_into_projector_and_lm(creator, hllm_run):
+    batch = batches_of(creator, hllm_run, cycle_rows(hllm_run.data))[0]
+    creator.zero_grad()
+    loss = creator.training_loss(batch)
+    loss.backward()
+    assert set(creator.last_stats) == {"creative_loss", "recon_loss", "align_loss", "cls_loss"}
+    parts = creator.last_stats
+    expected = parts["creative_loss"] + parts["recon_loss"] + parts["align_loss"] + 0.5 * parts["cls_loss"]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert creator.projector.weight.grad.abs().sum() > 0
+    assert creator.end_token.grad.abs().sum() > 0
+    assert creator.lm.get_input_embeddings().weight.grad.abs().sum() > 0
+    creator.zero_grad()
