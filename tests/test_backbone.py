@@ -12,7 +12,7 @@ from transformers import BertConfig, BertModel
 
 from hllm.data.text import pack_items, tokenize_items
 from hllm.errors import UserError
-from hllm.models.backbone import load_backbone
+from hllm.models.backbone import load_backbone, set_dropout
 from hllm.models.item_encoder import ItemEncoder
 
 SENTENCES = [
@@ -151,3 +151,17 @@ def test_smollm2_converts_once_and_encodes(tmp_path, monkeypatch):
     with torch.no_grad():
         embeddings = encoder(pack_items(tokens, np.arange(2), slots=1))
     assert embeddings.shape == (2, 576) and torch.isfinite(embeddings).all()
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_set_dropout_makes_training_forward_passes_deterministic(name):
+    backbone = load_backbone(name)
+    set_dropout(backbone.model, 0.5)
+    backbone.model.config._attn_implementation = "eager"  # dropout on attention probabilities too
+    ids = torch.tensor([[2, 5, 6, 7, 8, 9]])
+    backbone.model.train()
+    noisy = [backbone.model(input_ids=ids).last_hidden_state for _ in range(2)]
+    assert not torch.allclose(*noisy)
+    set_dropout(backbone.model, 0.0)
+    quiet = [backbone.model(input_ids=ids).last_hidden_state for _ in range(2)]
+    torch.testing.assert_close(*quiet, atol=0, rtol=0)

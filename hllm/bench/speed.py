@@ -208,7 +208,7 @@ def train_step_worker(settings: SpeedSettings, backbone: str, mode: str, checkpo
     """Time `train_steps` optimizer steps (after a warm-up) in this fresh process; count their FLOPs
     (without checkpointing: recomputation is not model work) and report the process's peak RSS."""
     from hllm.runs import build_model
-    from hllm.train import make_batches, param_groups
+    from hllm.train import make_batches, make_optimizer
 
     torch.manual_seed(0)
     config = _train_config(settings, backbone, mode, checkpointing)
@@ -219,7 +219,7 @@ def train_step_worker(settings: SpeedSettings, backbone: str, mode: str, checkpo
         # so a random table of the right shape stands in for encoding the whole catalogue here.
         model.cache_items(torch.randn(data.num_items, model.item_encoder.hidden_size))
     batches = make_batches(config, data, model, tokens)
-    optimizer = torch.optim.AdamW(param_groups(model, config.train.weight_decay), lr=1e-5)
+    optimizer = make_optimizer(model, config)
     model.train()
 
     def step(index: int) -> None:

@@ -31,7 +31,7 @@ from hllm.train import (
     TrainState,
     cosine_with_warmup,
     make_fabric,
-    param_groups,
+    make_optimizer,
     save_checkpoint,
     train_epoch,
 )
@@ -117,7 +117,7 @@ def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = N
     if fabric.global_rank == 0:
         write_text(folder / "config.yaml", dump_config(config))
         write_json(folder / "split.json", {"held_out_users": held_out})
-    optimizer = torch.optim.AdamW(param_groups(model, config.train.weight_decay), lr=config.train.lr)
+    optimizer = make_optimizer(model, config)
     total = math.ceil(len(batches) / config.train.accumulate) * config.train.epochs
     if config.train.max_steps > 0:
         total = min(total, config.train.max_steps)

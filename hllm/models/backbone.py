@@ -95,6 +95,16 @@ def load_backbone(spec: str, *, pretrained: bool = True, dtype: torch.dtype = to
     )
 
 
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout of a transformers model to `p`: its nn.Dropout layers and the attention
+    probability dropout that Llama-style attention keeps as a float."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = p
+
+
 def load_causal_lm(
     spec: str, *, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
