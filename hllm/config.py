@@ -158,13 +158,17 @@ class TrainConfig:
     log_every: int = 10
     """Steps between CSV log rows."""
     num_workers: int = 0
-    """DataLoader worker processes."""
+    """Processes building training batches ahead of the model (0 = in the training process);
+    the time the model waits for batches is logged as train/data_wait."""
     accelerator: str = "auto"
     """Fabric accelerator (auto, cpu, cuda, ...)."""
     devices: int = 1
     """Processes (GPUs) per node."""
+    num_nodes: int = 1
+    """Machines (torchrun --nnodes, or SLURM nodes)."""
     strategy: str = "auto"
-    """Fabric strategy (auto, ddp, fsdp, deepspeed)."""
+    """Fabric strategy: auto, ddp, ddp_spawn, fsdp (GPU), deepspeed (`pip install deepspeed`).
+    With several processes, negatives are all-gathered (with gradient) into one shared bank."""
     tensorboard: bool = False
     """Also write TensorBoard logs."""
 

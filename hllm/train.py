@@ -97,13 +97,18 @@ def make_fabric(config: RunConfig, folder: Path) -> L.Fabric:
             raise UserError(
                 "TensorBoard logs need `pip install tensorboard`", where="train.tensorboard"
             ) from None
-    fabric = L.Fabric(
-        accelerator=config.train.accelerator,
-        devices=config.train.devices,
-        strategy=config.train.strategy,
-        precision=config.train.precision,
-        loggers=loggers,
-    )
+    try:
+        fabric = L.Fabric(
+            accelerator=config.train.accelerator,
+            devices=config.train.devices,
+            num_nodes=config.train.num_nodes,
+            strategy=config.train.strategy,
+            precision=config.train.precision,
+            loggers=loggers,
+        )
+    except (ValueError, ImportError, RuntimeError) as err:  # Fabric's own wording names the fix
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(first, where="train.accelerator/devices/num_nodes/strategy/precision") from None
     fabric.launch()
     return fabric
 

@@ -141,3 +141,19 @@ def test_bad_model_settings_exit_2(cycle_data, tmp_path):
     assert_one_line_error(code, err, "User LLM", "decoder")
     code, _, err = run_cli("train", config, *base, "name=c", "train.negatives=catalogue")
     assert_one_line_error(code, err, "train.negatives", "frozen")
+
+
+UNUSABLE_STRATEGIES = [
+    ("fsdp", "FSDP is only available on GPU"),
+    ("bogus", "invalid strategy name"),
+    ("deepspeed", "deepspeed"),
+]
+
+
+@pytest.mark.parametrize(("strategy", "expected"), UNUSABLE_STRATEGIES)
+def test_unusable_strategy_exits_2(cycle_data, tmp_path, strategy, expected):
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    base = tiny_overrides(cycle_data, tmp_path)
+    code, _, err = run_cli("train", config, *base, f"train.strategy={strategy}")
+    assert_one_line_error(code, err, expected, "train.accelerator/devices/num_nodes/strategy/precision")
