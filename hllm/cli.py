@@ -118,10 +118,13 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
 ) -> None:
     """Train a model; writes runs/NAME/ (config, checkpoints, logs, metrics.json)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
     from hllm.train import fit
 
     result = fit(load_config(config, overrides), resume=resume)
-    Console().print(_metrics_table({"valid": result["valid"], "test": result["test"]}))
+    if rank_zero_only.rank == 0:  # with several processes, one table
+        Console().print(_metrics_table({"valid": result["valid"], "test": result["test"]}))
 
 
 @app.command("evaluate")

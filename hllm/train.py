@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def save_checkpoint(fabric: L.Fabric, path: Path, state: dict) -> None:
     fabric.barrier()
     if fabric.global_rank == 0:
         tmp.replace(path)
+    fabric.barrier()  # no rank reads the path before it is renamed
 
 
 def make_fabric(config: RunConfig, folder: Path) -> L.Fabric:
@@ -116,7 +118,7 @@ def make_fabric(config: RunConfig, folder: Path) -> L.Fabric:
 def fit(config: RunConfig, *, resume: bool = False) -> dict:
     """Train, select on validation, test the best checkpoint once; return the metrics written."""
     folder = run_folder(config)
-    last, best = folder / "checkpoints" / "last.ckpt", folder / "checkpoints" / "best.ckpt"
+    last = folder / "checkpoints" / "last.ckpt"
     if not resume and last.exists():
         raise UserError(
             "run folder already has checkpoints; pass --resume or another name=", where=str(folder)
@@ -164,7 +166,45 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
     def validate() -> dict:
         return evaluate_split(config, model.module, data, tokens, "valid", device=fabric.device)
 
-    started, guard = time.perf_counter(), GuardRails(fabric)
+    started = time.perf_counter()
+    run_epochs(
+        fabric,
+        model,
+        optimizer,
+        scheduler,
+        batches,
+        config=config,
+        state=state,
+        snapshot=snapshot,
+        validate=validate,
+        record=lambda metrics: record_validation(fabric, config, state, metrics),
+    )
+    result = finish(fabric, config, folder, model, data, tokens, state, time.perf_counter() - started)
+    if fabric.world_size > 1:
+        # Leave together: a rank exiting while gloo's threads still run aborts ("terminate called").
+        fabric.barrier()
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def run_epochs(
+    fabric: L.Fabric,
+    model,
+    optimizer,
+    scheduler,
+    batches,
+    *,
+    config: RunConfig,
+    state: TrainState,
+    snapshot: Callable[[Path], None],
+    validate: Callable[[], dict],
+    record: Callable[[dict], bool],
+) -> None:
+    """Epochs from `state` until train.epochs, train.max_steps or early stopping (train.patience
+    epochs that `record` did not call improved); last.ckpt after each epoch, best.ckpt on gains."""
+    checkpoints = run_folder(config) / "checkpoints"
+    last, best = checkpoints / "last.ckpt", checkpoints / "best.ckpt"
+    guard = GuardRails(fabric)
     while state.epoch < config.train.epochs and not _done(config, state):
         batches.set_epoch(state.epoch)
         train_epoch(
@@ -183,7 +223,7 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
             break
         metrics = validate()
         state.epoch, state.batch = state.epoch + 1, 0
-        improved = record_validation(fabric, config, state, metrics)
+        improved = record(metrics)
         snapshot(last)
         if improved:
             snapshot(best)
@@ -192,7 +232,6 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
             break
     if not best.exists():  # no full epoch yet: the current weights are the best we have
         snapshot(best)
-    return finish(fabric, config, folder, model, data, tokens, state, time.perf_counter() - started)
 
 
 def make_batches(

@@ -3,11 +3,15 @@ on CPU give the loss and gradients of one process on the same global batch."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
+import torch
 
 from hllm.config import load_config
 from hllm.data.dataset import prepare_dataset
@@ -43,6 +47,10 @@ def global_batch_step(fabric: L.Fabric, overrides: list[str], out: Path) -> None
         params = model.module.named_parameters()
         grads = {name: p.grad.detach().numpy() for name, p in params if p.grad is not None}
         np.savez(out, loss=mean_loss.numpy(), **grads)
+    if fabric.world_size > 1:
+        # Leave together: a rank exiting while gloo's threads still run aborts ("terminate called").
+        fabric.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def saved(path: Path) -> tuple[float, dict[str, np.ndarray]]:
@@ -72,3 +80,26 @@ def test_two_process_ddp_matches_one_process(cycle_data, tmp_path, mode):
     for name, grad in single_grads.items():
         assert np.abs(grad).sum() > 0, name
         np.testing.assert_allclose(ddp_grads[name], grad, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_hllm_train_runs_as_two_ddp_processes(cycle_data, tmp_path):
+    """The real command: Fabric starts the second process itself; both train, checkpoint, reload the
+    best checkpoint and score it; one table is printed."""
+    overrides = tiny_overrides(
+        cycle_data, tmp_path, train__epochs=2, train__devices=2, train__strategy="ddp", train__num_workers=1
+    )
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "hllm", "train", str(config), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
+    assert metrics["train"]["epochs"] == 2 and 0 <= metrics["test"]["recall@5"] <= 1
+    assert done.stdout.count("recall@5") == 1
+    logged = (tmp_path / "tiny" / "logs" / "metrics.csv").read_text()
+    assert "train/data_wait" in logged

@@ -83,6 +83,7 @@ def quick_settings(dataset: str) -> SpeedSettings:
         backbones=("tiny-bert",),
         caps=(16, 32),
         dtypes=("fp32", "bf16"),
+        modes=("finetune", "frozen"),
         batch_items=8,
         seconds=0.05,
         train_cap=16,

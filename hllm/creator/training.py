@@ -27,13 +27,12 @@ from hllm.models.backbone import load_causal_lm
 from hllm.models.hllm import HLLM
 from hllm.runs import Run, add_lora, load_run, read_checkpoint, run_folder
 from hllm.train import (
-    GuardRails,
     TrainState,
     cosine_with_warmup,
     make_fabric,
     make_optimizer,
+    run_epochs,
     save_checkpoint,
-    train_epoch,
 )
 
 
@@ -98,7 +97,7 @@ def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = N
 
     `hllm` may pass an already loaded HLLM run (the demo does, to encode the catalogue once)."""
     folder = run_folder(config)
-    last, best = folder / "checkpoints" / "last.ckpt", folder / "checkpoints" / "best.ckpt"
+    last = folder / "checkpoints" / "last.ckpt"
     if not resume and last.exists():
         raise UserError("run folder already has checkpoints; pass --resume or another name=", str(folder))
     config = _absolute_paths(config)
@@ -141,30 +140,19 @@ def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = N
         }
         save_checkpoint(fabric, path, {**checkpoint, **extra, "config": config_to_dict(config)})
 
-    started, guard = time.perf_counter(), GuardRails(fabric)
-    while state.epoch < config.train.epochs and not 0 < config.train.max_steps <= state.step:
-        batches.set_epoch(state.epoch)
-        train_epoch(
-            fabric,
-            model,
-            optimizer,
-            scheduler,
-            batches,
-            config=config,
-            state=state,
-            snapshot=snapshot,
-            guard=guard,
-        )
-        if state.batch < len(batches):  # stopped by max_steps inside the epoch
-            snapshot(last)
-            break
-        state.epoch, state.batch = state.epoch + 1, 0
-        improved = _record(fabric, state, validation_loss(model.module, valid, fabric.device))
-        snapshot(last)
-        if improved:
-            snapshot(best)
-    if not best.exists():
-        snapshot(best)
+    started = time.perf_counter()
+    run_epochs(
+        fabric,
+        model,
+        optimizer,
+        scheduler,
+        batches,
+        config=config,
+        state=state,
+        snapshot=snapshot,
+        validate=lambda: validation_loss(model.module, valid, fabric.device),
+        record=lambda metrics: _record(fabric, state, metrics),
+    )
     result = {
         "seconds": round(time.perf_counter() - started, 1),
         "steps": state.step,
