@@ -96,7 +96,7 @@ def _build_hllm(config: RunConfig, data: SequenceData) -> tuple[HLLM, ItemTokens
         )
     if item_cfg.dropout is not None:
         set_dropout(item_backbone.model, item_cfg.dropout)
-    item_encoder = ItemEncoder(item_backbone, pooling=item_cfg.pooling)
+    item_encoder = ItemEncoder(item_backbone, pooling=item_cfg.pooling, train_layers=item_cfg.train_layers)
     frozen = item_cfg.mode == "frozen"
     if frozen:
         item_encoder.requires_grad_(False)
@@ -114,16 +114,21 @@ def _build_hllm(config: RunConfig, data: SequenceData) -> tuple[HLLM, ItemTokens
         frozen_items=frozen,
         catalogue_negatives=config.train.negatives == "catalogue",
         exclude_own_items=config.train.exclude_own_items,
-        adaptor=_adaptor(config.model.adaptor, frozen, item_backbone.hidden_size, user_backbone.hidden_size),
+        adaptor=_adaptor(
+            config.model.adaptor,
+            frozen or item_cfg.train_layers > 0,
+            item_backbone.hidden_size,
+            user_backbone.hidden_size,
+        ),
     )
     tokens = tokenize_items(list(data.item_text), item_backbone.tokenizer, config.data.max_text_tokens)
     return model, tokens
 
 
-def _adaptor(kind: str, frozen: bool, item_width: int, user_width: int) -> str:
+def _adaptor(kind: str, mostly_frozen: bool, item_width: int, user_width: int) -> str:
     if kind != "auto":
         return kind
-    if frozen:
+    if mostly_frozen:
         return "mlp"
     return "none" if item_width == user_width else "linear"
 
@@ -132,15 +137,29 @@ def _adaptor(kind: str, frozen: bool, item_width: int, user_width: int) -> str:
 def cache_frozen_items(
     model: nn.Module, tokens: ItemTokens, *, batch_size: int, device: torch.device | str
 ) -> None:
-    """Frozen item side: run the Item LLM once over the catalogue and keep its outputs."""
-    if not getattr(model, "frozen_items", False):
-        return
-    model.item_encoder.eval()
-    rows = []
-    for first in range(0, len(tokens), batch_size):
-        ids = np.arange(first, min(first + batch_size, len(tokens)))
-        rows.append(model.item_encoder(pack_items(tokens, ids, slots=model.item_slots).to(device)))
-    model.cache_items(torch.cat(rows))
+    """Frozen item side: run the Item LLM once over the catalogue and keep its outputs. Top layers
+    trained only: also keep every item's token states below them (the run in eval mode)."""
+    if getattr(model, "frozen_items", False):
+        model.item_encoder.eval()
+        rows = []
+        for first in range(0, len(tokens), batch_size):
+            ids = np.arange(first, min(first + batch_size, len(tokens)))
+            rows.append(model.item_encoder(pack_items(tokens, ids, slots=model.item_slots).to(device)))
+        model.cache_items(torch.cat(rows))
+    elif getattr(model, "top_layers_only", False):
+        training = model.item_encoder.training
+        model.item_encoder.eval()
+        states, rows = [], []
+        for first in range(0, len(tokens), batch_size):
+            ids = np.arange(first, min(first + batch_size, len(tokens)))
+            packed = pack_items(tokens, ids, slots=model.item_slots).to(device)
+            lower, outputs = model.item_encoder.lower_states(packed)
+            states.append(lower)
+            rows.append(outputs)
+        lengths = torch.from_numpy(np.diff(tokens.offsets)).to(device) + model.item_slots
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        model.cache_items(torch.cat(rows), lower=(torch.cat(states), offsets))
+        model.item_encoder.train(training)
 
 
 @dataclass

@@ -167,3 +167,36 @@ def test_empty_pack_gives_no_rows(tiny_bert):
     encoder = ItemEncoder(tiny_bert, pooling="mean").eval()
     empty = pack_items(tokens_of(tiny_bert), np.array([], dtype=np.int64))
     assert encoder(empty).shape == (0, tiny_bert.hidden_size)
+
+
+@pytest.mark.parametrize(
+    ("name", "pooling"),
+    [("tiny_llama", "token"), ("tiny_llama", "mean"), ("tiny_bert", "mean"), ("tiny_bert", "cls")],
+)
+def test_top_layers_over_lower_states_give_the_full_encoding(name, pooling, request):
+    backbone = request.getfixturevalue(name)  # two layers: the top one trains
+    encoder = ItemEncoder(backbone, pooling=pooling, train_layers=1).eval()
+    packed = pack_items(tokens_of(backbone), np.array([4, 0, 1, 2, 3]), slots=encoder.slots)
+    with torch.no_grad():
+        full = encoder(packed)
+        states, outputs = encoder.lower_states(packed)
+        top = encoder.forward_top(states, packed.lengths, packed.position_ids)
+    assert encoder.frozen_layers == 1
+    assert states.shape == (len(packed.input_ids), backbone.hidden_size)
+    torch.testing.assert_close(outputs, full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(top, full, atol=ATOL, rtol=0)
+    assert not torch.allclose(states, encoder.model.get_input_embeddings()(packed.input_ids))  # a layer ran
+
+
+def test_top_layer_training_freezes_everything_below():
+    backbone = load_backbone("tiny-llama")  # fresh: this test changes requires_grad
+    encoder = ItemEncoder(backbone, pooling="token", train_layers=1)
+    trained = {name for name, param in encoder.named_parameters() if param.requires_grad}
+    last = len(backbone.model.layers) - 1
+    assert trained and all(name.startswith((f"model.layers.{last}.", "model.norm.")) for name in trained)
+    assert "model.norm.weight" in trained
+
+
+def test_top_layer_count_is_checked(tiny_bert):
+    with pytest.raises(UserError, match="train_layers|layers"):
+        ItemEncoder(tiny_bert, pooling="mean", train_layers=len(tiny_bert.model.encoder.layer) + 1)

