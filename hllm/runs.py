@@ -134,32 +134,33 @@ def _adaptor(kind: str, mostly_frozen: bool, item_width: int, user_width: int) -
 
 
 @torch.no_grad()
+@torch.no_grad()
 def cache_frozen_items(
     model: nn.Module, tokens: ItemTokens, *, batch_size: int, device: torch.device | str
 ) -> None:
-    """Frozen item side: run the Item LLM once over the catalogue and keep its outputs. Top layers
-    trained only: also keep every item's token states below them (the run in eval mode)."""
-    if getattr(model, "frozen_items", False):
-        model.item_encoder.eval()
-        rows = []
-        for first in range(0, len(tokens), batch_size):
-            ids = np.arange(first, min(first + batch_size, len(tokens)))
-            rows.append(model.item_encoder(pack_items(tokens, ids, slots=model.item_slots).to(device)))
-        model.cache_items(torch.cat(rows))
-    elif getattr(model, "top_layers_only", False):
-        training = model.item_encoder.training
-        model.item_encoder.eval()
-        states, rows = [], []
-        for first in range(0, len(tokens), batch_size):
-            ids = np.arange(first, min(first + batch_size, len(tokens)))
-            packed = pack_items(tokens, ids, slots=model.item_slots).to(device)
+    """Run the frozen part of the Item LLM once over the catalogue and keep its outputs: the whole
+    model's when frozen; with only the top layers trained, also every item's token states below them."""
+    top_only = getattr(model, "top_layers_only", False)
+    if not (getattr(model, "frozen_items", False) or top_only):
+        return
+    training = model.item_encoder.training
+    model.item_encoder.eval()
+    states, rows = [], []
+    for first in range(0, len(tokens), batch_size):
+        ids = np.arange(first, min(first + batch_size, len(tokens)))
+        packed = pack_items(tokens, ids, slots=model.item_slots).to(device)
+        if top_only:
             lower, outputs = model.item_encoder.lower_states(packed)
             states.append(lower)
-            rows.append(outputs)
+        else:
+            outputs = model.item_encoder(packed)
+        rows.append(outputs)
+    lower_cache = None
+    if top_only:
         lengths = torch.from_numpy(np.diff(tokens.offsets)).to(device) + model.item_slots
-        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
-        model.cache_items(torch.cat(rows), lower=(torch.cat(states), offsets))
-        model.item_encoder.train(training)
+        lower_cache = (torch.cat(states), torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))
+    model.cache_items(torch.cat(rows), lower_cache)
+    model.item_encoder.train(training)
 
 
 @dataclass
