@@ -150,6 +150,9 @@ class TrainConfig:
     """Size of the negative bank shared by every position of a step (per process)."""
     negatives: Literal["sampled", "catalogue"] = "sampled"
     """sampled bank, or the whole catalogue (only when the item side is frozen)."""
+    in_batch_negatives: bool = False
+    """Add the batch's other items (already encoded, so free) to the sampled bank; with several
+    processes they stay local to each process."""
     exclude_own_items: bool = True
     """Never draw a batch user's own items as negatives."""
     gradient_checkpointing: bool = False
@@ -393,10 +396,9 @@ class RunConfig:
         item = self.model.item
         if item.train_layers and item.mode != "finetune":
             raise UserError("top-layer training needs model.item.mode=finetune", "model.item.train_layers")
-        if self.train.negatives == "catalogue" and item.mode != "frozen" and not item.train_layers:
+        if self.train.negatives == "catalogue" and item.mode != "frozen":
             raise UserError(
-                "the whole catalogue can be the negative bank only when model.item.mode=frozen "
-                "or model.item.train_layers > 0",
+                "the whole catalogue can be the negative bank only when model.item.mode=frozen",
                 where="train.negatives",
             )
         if self.eval.metric.split("@")[0] not in ("recall", "ndcg", "mrr"):

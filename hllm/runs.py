@@ -113,6 +113,7 @@ def _build_hllm(config: RunConfig, data: SequenceData) -> tuple[HLLM, ItemTokens
         nce_threshold=config.model.nce_threshold,
         frozen_items=frozen,
         catalogue_negatives=config.train.negatives == "catalogue",
+        in_batch_negatives=config.train.in_batch_negatives,
         exclude_own_items=config.train.exclude_own_items,
         adaptor=_adaptor(
             config.model.adaptor,
@@ -138,28 +139,23 @@ def _adaptor(kind: str, mostly_frozen: bool, item_width: int, user_width: int) -
 def cache_frozen_items(
     model: nn.Module, tokens: ItemTokens, *, batch_size: int, device: torch.device | str
 ) -> None:
-    """Run the frozen part of the Item LLM once over the catalogue and keep its outputs: the whole
-    model's when frozen; with only the top layers trained, also every item's token states below them."""
+    """Run the frozen part of the Item LLM once over the catalogue and keep what it computes: the
+    items' outputs when it is all frozen; with only its top layers trained, the token states below."""
     top_only = getattr(model, "top_layers_only", False)
     if not (getattr(model, "frozen_items", False) or top_only):
         return
     training = model.item_encoder.training
     model.item_encoder.eval()
-    states, rows = [], []
+    encode = model.item_encoder.lower_states if top_only else model.item_encoder
+    rows = []
     for first in range(0, len(tokens), batch_size):
         ids = np.arange(first, min(first + batch_size, len(tokens)))
-        packed = pack_items(tokens, ids, slots=model.item_slots).to(device)
-        if top_only:
-            lower, outputs = model.item_encoder.lower_states(packed)
-            states.append(lower)
-        else:
-            outputs = model.item_encoder(packed)
-        rows.append(outputs)
-    lower_cache = None
+        rows.append(encode(pack_items(tokens, ids, slots=model.item_slots).to(device)))
     if top_only:
         lengths = torch.from_numpy(np.diff(tokens.offsets)).to(device) + model.item_slots
-        lower_cache = (torch.cat(states), torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))
-    model.cache_items(torch.cat(rows), lower_cache)
+        model.cache_lower_states(torch.cat(rows), torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))
+    else:
+        model.cache_items(torch.cat(rows))
     model.item_encoder.train(training)
 
 

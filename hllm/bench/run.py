@@ -43,13 +43,14 @@ HLLM_FROZEN = [
     "train.epochs=20",  # six epochs stopped Amazon runs still climbing; early stopping ends the rest
 ]
 # Fine-tuning made affordable on a CPU: only the Item LLM's top layers train, over token states of
-# the layers below computed once; the catalogue softmax reads each item's output as last encoded.
+# the layers below computed once; negatives: a small sampled bank plus the batch's other items.
 HLLM_TOP_LAYERS = [
     "model.item.mode=finetune",
-    "train.negatives=catalogue",
+    "train.num_negatives=64",
+    "train.in_batch_negatives=true",
     "train.lr=1e-3",
     "train.item_lr=1e-4",
-    "train.batch_size=32",
+    "train.batch_size=64",
     "train.epochs=20",
 ]
 MODELS = {

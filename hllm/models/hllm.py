@@ -65,13 +65,14 @@ def build_adaptor(kind: str, item_width: int, user_width: int) -> nn.Module:
 
 
 class HLLM(nn.Module):
-    """Item LLM -> adaptor -> User LLM, trained with InfoNCE on a shared negative bank, or with a
-    softmax over the whole catalogue when the Item LLM is frozen or trains only its top layers.
+    """Item LLM -> adaptor -> User LLM, trained with InfoNCE on a shared negative bank (or, when the
+    item side is frozen, with a softmax over the whole catalogue).
 
     Three item sides: trained end to end from text; frozen, its outputs cached once (`item_cache`);
     or trained in its top layers only, over cached token states of the frozen layers below
-    (`lower_states`). In the last, `item_cache` holds each item's output as of the last time it was
-    encoded: a catalogue-wide negative table, fresh for the batch's items and stale for the rest.
+    (`lower_states`). A catalogue softmax over outputs cached while the top layers train leaks:
+    the model learns to tell the batch's fresh outputs from the stale rest. So the top-layer side
+    uses the bank, which is encoded fresh; `in_batch_negatives` widens it for free.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class HLLM(nn.Module):
         nce_threshold: float = 0.99,
         frozen_items: bool = False,
         catalogue_negatives: bool = False,
+        in_batch_negatives: bool = False,
         exclude_own_items: bool = True,
         adaptor: Literal["none", "linear", "mlp"] = "linear",
     ) -> None:
@@ -96,6 +98,7 @@ class HLLM(nn.Module):
         self.nce_threshold = nce_threshold
         self.frozen_items = frozen_items
         self.catalogue_negatives = catalogue_negatives
+        self.in_batch_negatives = in_batch_negatives
         self.exclude_own_items = exclude_own_items
         # Frozen mode: Item LLM outputs computed once for the whole catalogue (N, D_item).
         self.register_buffer("item_cache", None, persistent=False)
@@ -124,19 +127,18 @@ class HLLM(nn.Module):
 
     def encode_items(self, item_ids: Tensor, text: PackedItems | None) -> Tensor:
         """Normalised, projected item embeddings (N, D_user) from text (or the caches)."""
-        return self._project(self._item_outputs(item_ids, text))
-
-    def _project(self, raw: Tensor) -> Tensor:
-        return F.normalize(self.projection(raw.float()), dim=-1)
+        return F.normalize(self.projection(self._item_outputs(item_ids, text).float()), dim=-1)
 
     def _item_outputs(self, item_ids: Tensor, text: PackedItems | None) -> Tensor:
         """Item LLM outputs (N, D_item): from text, the top layers over cached states, or the cache."""
         if text is not None:
             return self.item_encoder(text)
-        if self.item_cache is None:
-            raise RuntimeError("item side without text: call cache_items() before training")
         if not self.top_layers_only:
+            if self.item_cache is None:
+                raise RuntimeError("frozen item side: call cache_items() before training")
             return self.item_cache[item_ids]
+        if self.lower_states is None:
+            raise RuntimeError("top-layer item side: call cache_lower_states() before training")
         starts = self.lower_offsets[item_ids]  # (N,)
         lengths = self.lower_offsets[item_ids + 1] - starts  # (N,)
         first = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)  # (T,)
@@ -145,24 +147,15 @@ class HLLM(nn.Module):
         return self.item_encoder.forward_top(self.lower_states[tokens], lengths, inside)
 
     @torch.no_grad()
-    def cache_items(self, raw_table: Tensor, lower: tuple[Tensor, Tensor] | None = None) -> None:
-        """Store the Item LLM outputs for every item id (row 0 = PAD) and, when only the top layers
-        train, the token states below them with each item's start offset (N + 1,)."""
+    def cache_items(self, raw_table: Tensor) -> None:
+        """Store the frozen Item LLM outputs for every item id (row 0 = PAD)."""
         self.item_cache = raw_table.detach()
-        if lower is not None:
-            self.lower_states, self.lower_offsets = lower
 
-    def _catalogue_outputs(self, item_ids: Tensor, raw: Tensor) -> Tensor:
-        """Item LLM outputs of the whole catalogue (N_all, D_item) for the catalogue softmax.
-
-        Top-layer mode: the batch's items are fresh (with gradient) and written back to the cache;
-        the other items are as they were when last encoded.
-        """
-        if not self.top_layers_only:
-            return self.item_cache
-        with torch.no_grad():
-            self.item_cache[item_ids] = raw.detach().to(self.item_cache.dtype)
-        return self.item_cache.index_put((item_ids,), raw.to(self.item_cache.dtype))
+    @torch.no_grad()
+    def cache_lower_states(self, states: Tensor, offsets: Tensor) -> None:
+        """Store every item's token states below the trained top layers, end to end (T_all, D_item),
+        and where each item starts in them (N + 1,)."""
+        self.lower_states, self.lower_offsets = states, offsets
 
     def encode_users(self, history: Tensor, item_table: Tensor) -> Tensor:
         """Normalised prediction of the next item for left-padded histories (B, L) -> (B, D)."""
@@ -171,8 +164,7 @@ class HLLM(nn.Module):
         return F.normalize(states.float(), dim=-1)
 
     def training_loss(self, batch: TrainBatch) -> Tensor:
-        raw = self._item_outputs(batch.batch_items, batch.text)  # (U, D_item)
-        embeddings = self._project(raw)  # (U, D)
+        embeddings = self.encode_items(batch.batch_items, batch.text)  # (U, D)
         present = (batch.items != 0).unsqueeze(-1)
         sequence = embeddings[batch.item_index] * present  # (B, L+1, D)
         outputs = self.user_encoder(sequence[:, :-1], batch.mask)  # (B, L, D)
@@ -180,18 +172,18 @@ class HLLM(nn.Module):
         target = sequence[:, 1:][batch.mask]  # (n, D)
         scale = self.logit_scale()
         if self.catalogue_negatives:
-            table = self._project(self._catalogue_outputs(batch.batch_items, raw))  # (N_all, D)
+            table = self.encode_items(torch.arange(len(self.item_cache), device=user.device), None)
             out = catalogue_softmax(user, table, batch.items[:, 1:][batch.mask], scale)
         else:
-            negatives = embeddings[batch.negative_index]  # (K, D)
+            negatives, bank_ids, gather = self._negative_bank(batch, embeddings)
             out = info_nce(
                 user,
                 target,
                 negatives,
                 scale,
                 threshold=self.nce_threshold,
-                gather=self.gather,
-                excluded=self._own_items(batch),
+                gather=gather,
+                excluded=self._own_items(batch, bank_ids),
             )
         self.last_stats = {
             "accuracy": out.accuracy,
@@ -201,10 +193,26 @@ class HLLM(nn.Module):
         }
         return out.loss
 
-    def _own_items(self, batch: TrainBatch) -> Tensor | None:
-        """(n, K') True where a bank negative is an item of the row's own window."""
+    def _negative_bank(self, batch: TrainBatch, embeddings: Tensor) -> tuple[Tensor, Tensor, Callable]:
+        """This process's negatives (M, D), the gathered bank's item ids (M',) and the gather that
+        builds the bank: the sampled negatives, shared by every process; with `in_batch_negatives`
+        also the batch's other items, already encoded, local to this process."""
+        sampled, sampled_ids = embeddings[batch.negative_index], self.gather_ids(batch.negatives)
+        if not self.in_batch_negatives:
+            return sampled, sampled_ids, self.gather
+        others = torch.ones(len(batch.batch_items), dtype=torch.bool, device=embeddings.device)
+        others[batch.negative_index] = False  # already in the bank
+        k = len(sampled)
+
+        def gather(negatives: Tensor) -> Tensor:
+            return torch.cat([self.gather(negatives[:k]), negatives[k:]])
+
+        bank_ids = torch.cat([sampled_ids, batch.batch_items[others]])
+        return torch.cat([sampled, embeddings[others]]), bank_ids, gather
+
+    def _own_items(self, batch: TrainBatch, bank_ids: Tensor) -> Tensor | None:
+        """(n, M') True where a bank negative is an item of the row's own window."""
         if not self.exclude_own_items:
             return None
-        bank_ids = self.gather_ids(batch.negatives)  # (K',)
         own = (batch.items.unsqueeze(-1) == bank_ids).any(1)  # (B, K')
         return own.unsqueeze(1).expand(-1, batch.mask.shape[1], -1)[batch.mask]  # (n, K')

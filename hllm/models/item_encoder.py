@@ -172,13 +172,12 @@ class ItemEncoder(nn.Module):
         return self._pool(hidden[layout.row, layout.column], layout.item, packed.lengths)
 
     @torch.no_grad()
-    def lower_states(self, packed: PackedItems) -> tuple[Tensor, Tensor]:
-        """Token states (T, D) entering the first trained layer, and the items' outputs (N, D)."""
+    def lower_states(self, packed: PackedItems) -> Tensor:
+        """Token states (T, D) entering the first trained layer (the whole model runs: simple, and
+        it runs once per item)."""
         layout, mask, inputs = self._rows(packed)
         out = self.model(**inputs, attention_mask=mask, use_cache=False, output_hidden_states=True)
-        states = out.hidden_states[self.frozen_layers][layout.row, layout.column]
-        items = self._pool(out.last_hidden_state[layout.row, layout.column], layout.item, packed.lengths)
-        return states, items
+        return out.hidden_states[self.frozen_layers][layout.row, layout.column]
 
     def forward_top(self, states: Tensor, lengths: Tensor, position_ids: Tensor) -> Tensor:
         """Item embeddings (N, D) from `lower_states`' token states (T, D) of N items laid end to
