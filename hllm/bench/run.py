@@ -51,7 +51,7 @@ HLLM_TOP_LAYERS = [
     "train.lr=1e-3",
     "train.item_lr=1e-4",
     "train.batch_size=64",
-    "train.epochs=20",
+    "train.epochs=10",  # a step costs about 10x a frozen one: a shorter schedule to fit the CPU
 ]
 MODELS = {
     "popularity": ["model.kind=popularity"],
