@@ -70,8 +70,8 @@ class ItemConfig:
     lora_alpha: int = 16
     """LoRA alpha (mode=lora)."""
     train_layers: int = 0
-    """mode=finetune: train only the top this many transformer layers (0, or the depth: all). The token states
-    of the frozen layers below are computed once, so a step runs only the top layers."""
+    """mode=finetune: train only the top this many transformer layers (0, or the depth: all). The
+    token states of the frozen layers below are computed once, so a step runs only the top layers."""
     dropout: float | None = 0.0
     """Dropout of the Item LLM while it trains (hidden and attention); None keeps the checkpoint's.
     0 as in the paper's LLaMA-family Item LLMs: MiniLM's 0.1 costs a fifth of a fine-tuning step on
