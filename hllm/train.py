@@ -83,6 +83,24 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup: flo
     return LambdaLR(optimizer, factor)
 
 
+def training_schedule(optimizer: torch.optim.Optimizer, config: RunConfig, num_batches: int) -> LambdaLR:
+    """Cosine with warm-up over every optimizer step the run will take (train.max_steps caps it)."""
+    total = math.ceil(num_batches / config.train.accumulate) * config.train.epochs
+    if config.train.max_steps > 0:
+        total = min(total, config.train.max_steps)
+    return cosine_with_warmup(optimizer, total, config.train.warmup)
+
+
+def resume_state(fabric: L.Fabric, path: Path, model, optimizer, scheduler) -> TrainState:
+    """Load model, optimizer, scheduler and RNG from a `run_epochs` checkpoint; where it stood."""
+    extra = fabric.load(path, {"model": model, "optimizer": optimizer})
+    scheduler.load_state_dict(extra["scheduler"])
+    state = TrainState(**extra["train_state"])
+    torch.set_rng_state(extra["rng"])
+    fabric.print(f"resumed from {path} at epoch {state.epoch}, step {state.step}")
+    return state
+
+
 def save_checkpoint(fabric: L.Fabric, path: Path, state: dict) -> None:
     """Write to a temporary name, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -137,37 +155,14 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
     share_negatives(model, fabric)
     optimizer = make_optimizer(model, config)
     batches = make_batches(config, data, model, tokens, rank=fabric.global_rank, world_size=fabric.world_size)
-    steps_per_epoch = math.ceil(len(batches) / config.train.accumulate)
-    total = steps_per_epoch * config.train.epochs
-    if config.train.max_steps > 0:
-        total = min(total, config.train.max_steps)
-    scheduler = cosine_with_warmup(optimizer, total, config.train.warmup)
+    scheduler = training_schedule(optimizer, config, len(batches))
     model, optimizer = fabric.setup(model, optimizer)
     # Route training_loss through the wrapper's forward so DDP/FSDP hooks (gradient sync) run.
     model.mark_forward_method("training_loss")
-    state = TrainState()
-    checkpoint = {"model": model, "optimizer": optimizer}
-    if resume and last.exists():
-        extra = fabric.load(last, checkpoint)
-        scheduler.load_state_dict(extra["scheduler"])
-        state = TrainState(**extra["train_state"])
-        torch.set_rng_state(extra["rng"])
-        fabric.print(f"resumed from {last} at epoch {state.epoch}, step {state.step}")
-    # After resuming: a partly trained Item LLM's cached outputs come from the resumed weights.
     cache_frozen_items(model.module, tokens, batch_size=config.eval.item_batch_size, device=fabric.device)
-
-    def snapshot(path: Path) -> None:
-        save_checkpoint(
-            fabric,
-            path,
-            {
-                **checkpoint,
-                "scheduler": scheduler.state_dict(),
-                "train_state": asdict(state),
-                "rng": torch.get_rng_state(),
-                "config": config_to_dict(config),
-            },
-        )
+    state = TrainState()
+    if resume and last.exists():
+        state = resume_state(fabric, last, model, optimizer, scheduler)
 
     def validate() -> dict:
         return evaluate_split(config, model.module, data, tokens, "valid", device=fabric.device)
@@ -181,7 +176,6 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
         batches,
         config=config,
         state=state,
-        snapshot=snapshot,
         validate=validate,
         record=lambda metrics: record_validation(fabric, config, state, metrics),
     )
@@ -202,14 +196,29 @@ def run_epochs(
     *,
     config: RunConfig,
     state: TrainState,
-    snapshot: Callable[[Path], None],
     validate: Callable[[], dict],
     record: Callable[[dict], bool],
 ) -> None:
     """Epochs from `state` until train.epochs, train.max_steps or early stopping (train.patience
-    epochs that `record` did not call improved); last.ckpt after each epoch, best.ckpt on gains."""
+    epochs that `record` did not call improved); last.ckpt after each epoch, best.ckpt on gains.
+    A checkpoint holds what `resume_state` reloads, plus the config."""
     checkpoints = run_folder(config) / "checkpoints"
     last, best = checkpoints / "last.ckpt", checkpoints / "best.ckpt"
+
+    def snapshot(path: Path) -> None:
+        save_checkpoint(
+            fabric,
+            path,
+            {
+                "model": model,
+                "optimizer": optimizer,
+                "scheduler": scheduler.state_dict(),
+                "train_state": asdict(state),
+                "rng": torch.get_rng_state(),
+                "config": config_to_dict(config),
+            },
+        )
+
     guard = GuardRails(fabric)
     while state.epoch < config.train.epochs and not _done(config, state):
         batches.set_epoch(state.epoch)

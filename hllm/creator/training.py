@@ -1,5 +1,5 @@
 """`hllm creator train`: build the CreativeLLM from a trained HLLM run, fit it with the project's one
-training loop (`hllm.train.train_epoch`), select on held-out users' loss, and load it back.
+training loop (`hllm.train.run_epochs`), select on held-out users' loss, and load it back.
 
 A Creator run folder holds `config.yaml`, `split.json` (the held-out users), `checkpoints/`,
 `logs/` and `metrics.json`.
@@ -11,13 +11,13 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from hllm.config import RunConfig, config_to_dict, dump_config, load_config
+from hllm.config import RunConfig, dump_config, load_config
 from hllm.creator.dataset import CreatorBatches, held_out_users, make_examples, read_rows
 from hllm.creator.layout import PromptLayout
 from hllm.creator.model import CreativeLLM, LossWeights
@@ -26,14 +26,7 @@ from hllm.files import write_json, write_text
 from hllm.models.backbone import load_causal_lm
 from hllm.models.hllm import HLLM
 from hllm.runs import Run, add_lora, load_run, read_checkpoint, run_folder
-from hllm.train import (
-    TrainState,
-    cosine_with_warmup,
-    make_fabric,
-    make_optimizer,
-    run_epochs,
-    save_checkpoint,
-)
+from hllm.train import TrainState, make_fabric, make_optimizer, resume_state, run_epochs, training_schedule
 
 
 def load_hllm(config: RunConfig) -> Run:
@@ -117,29 +110,13 @@ def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = N
         write_text(folder / "config.yaml", dump_config(config))
         write_json(folder / "split.json", {"held_out_users": held_out})
     optimizer = make_optimizer(model, config)
-    total = math.ceil(len(batches) / config.train.accumulate) * config.train.epochs
-    if config.train.max_steps > 0:
-        total = min(total, config.train.max_steps)
-    scheduler = cosine_with_warmup(optimizer, total, config.train.warmup)
+    scheduler = training_schedule(optimizer, config, len(batches))
     model, optimizer = fabric.setup(model, optimizer)
     model.mark_forward_method("training_loss")
     model.module.cache_item_table(batch_size=config.eval.item_batch_size)
-    state, checkpoint = TrainState(), {"model": model, "optimizer": optimizer}
+    state = TrainState()
     if resume and last.exists():
-        extra = fabric.load(last, checkpoint)
-        scheduler.load_state_dict(extra["scheduler"])
-        state = TrainState(**extra["train_state"])
-        torch.set_rng_state(extra["rng"])
-        fabric.print(f"resumed from {last} at epoch {state.epoch}, step {state.step}")
-
-    def snapshot(path: Path) -> None:
-        extra = {
-            "scheduler": scheduler.state_dict(),
-            "train_state": asdict(state),
-            "rng": torch.get_rng_state(),
-        }
-        save_checkpoint(fabric, path, {**checkpoint, **extra, "config": config_to_dict(config)})
-
+        state = resume_state(fabric, last, model, optimizer, scheduler)
     started = time.perf_counter()
     run_epochs(
         fabric,
@@ -149,7 +126,6 @@ def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = N
         batches,
         config=config,
         state=state,
-        snapshot=snapshot,
         validate=lambda: validation_loss(model.module, valid, fabric.device),
         record=lambda metrics: _record(fabric, state, metrics),
     )
