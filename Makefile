@@ -25,7 +25,7 @@ test: install
 
 # The standard benchmark suite (resumable: rerun to continue); see BENCHMARKS.md.
 BENCH_DATASETS ?= ml-100k,amazon-scientific,amazon-office
-BENCH_MODELS ?= popularity,hllm-minilm-frozen
+BENCH_MODELS ?= popularity,sasrec-ce,hstu,hllm-minilm-frozen
 bench: install
 	$(BIN)/hllm bench --datasets $(BENCH_DATASETS) --models $(BENCH_MODELS) --seeds 3 --out benchmarks
 

@@ -86,6 +86,9 @@ class UserConfig:
     """Load pretrained weights (presets without weights are always random)."""
     padding: Literal["left", "right"] = "left"
     """Side the user histories are padded on."""
+    dropout: float = 0.0
+    """Dropout on the item embeddings the User LLM reads and on its attention weights, as SASRec
+    regularises sparse data (0 = none, as the reference)."""
 
 
 @dataclass
@@ -405,8 +408,12 @@ class RunConfig:
             raise UserError(
                 f"unknown metric {self.eval.metric!r}; use recall@k, ndcg@k or mrr", "eval.metric"
             )
-        if not 0.0 <= self.creator.train.holdout < 1.0:
-            raise UserError(f"must be in [0, 1), got {self.creator.train.holdout}", "creator.train.holdout")
+        for key, share in (
+            ("creator.train.holdout", self.creator.train.holdout),
+            ("model.user.dropout", self.model.user.dropout),
+        ):
+            if not 0.0 <= share < 1.0:
+                raise UserError(f"must be in [0, 1), got {share}", key)
         for key, value in (
             ("train.batch_size", self.train.batch_size),
             ("train.accumulate", self.train.accumulate),

@@ -106,7 +106,7 @@ def _build_hllm(config: RunConfig, data: SequenceData) -> tuple[HLLM, ItemTokens
         item_encoder.set_gradient_checkpointing(True)
     model = HLLM(
         item_encoder,
-        UserEncoder(user_backbone),
+        UserEncoder(user_backbone, dropout=user_cfg.dropout),
         item_width=item_backbone.hidden_size,
         user_width=user_backbone.hidden_size,
         temperature=config.model.temperature,

@@ -141,6 +141,8 @@ def test_bad_model_settings_exit_2(cycle_data, tmp_path):
     assert_one_line_error(code, err, "User LLM", "decoder")
     code, _, err = run_cli("train", config, *base, "name=c", "train.negatives=catalogue")
     assert_one_line_error(code, err, "train.negatives", "frozen")
+    code, _, err = run_cli("train", config, *base, "name=d", "model.user.dropout=1.5")
+    assert_one_line_error(code, err, "model.user.dropout", "[0, 1)")
 
 
 UNUSABLE_STRATEGIES = [

@@ -103,3 +103,15 @@ def test_token_table_is_frozen():
 def test_encoder_backbone_is_rejected():
     with pytest.raises(UserError, match="causal decoder"):
         UserEncoder(load_backbone("tiny-bert"))
+
+
+def test_dropout_acts_in_training_only():
+    plain = UserEncoder(load_backbone("tiny-llama")).eval()
+    dropped = UserEncoder(load_backbone("tiny-llama"), dropout=0.5)  # same seeded weights
+    assert dropped.model.layers[0].self_attn.attention_dropout == 0.5
+    embeddings = torch.randn(2, 4, plain.model.config.hidden_size)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    with torch.no_grad():
+        first, second = dropped.train()(embeddings, mask), dropped(embeddings, mask)
+        assert (first - second).abs().max() > 1e-3
+        torch.testing.assert_close(dropped.eval()(embeddings, mask), plain(embeddings, mask), atol=ATOL, rtol=0)

@@ -9,13 +9,16 @@ import torch
 from torch import Tensor, nn
 
 from hllm.errors import UserError
-from hllm.models.backbone import Backbone
+from hllm.models.backbone import Backbone, set_dropout
 
 
 class UserEncoder(nn.Module):
-    """A causal decoder over item embeddings (`inputs_embeds`); output j predicts item j + 1."""
+    """A causal decoder over item embeddings (`inputs_embeds`); output j predicts item j + 1.
 
-    def __init__(self, backbone: Backbone) -> None:
+    `dropout` applies to the input item embeddings and the attention weights while training.
+    """
+
+    def __init__(self, backbone: Backbone, dropout: float = 0.0) -> None:
         super().__init__()
         if not backbone.is_decoder:
             raise UserError(
@@ -26,6 +29,8 @@ class UserEncoder(nn.Module):
         # Only inputs_embeds are read: the token table would get no gradient, so freeze it to keep
         # it out of the optimiser and of DDP's unused-parameter check.
         self.model.get_input_embeddings().requires_grad_(False)
+        set_dropout(self.model, dropout)  # attention weights
+        self.input_dropout = nn.Dropout(dropout)
 
     def forward(self, embeddings: Tensor, mask: Tensor) -> Tensor:
         """Last hidden state (B, L, D), after the final norm, for histories padded on either side.
@@ -38,7 +43,7 @@ class UserEncoder(nn.Module):
         # Positions count real items only, so left and right padding give the same outputs.
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
         hidden = self.model(
-            inputs_embeds=embeddings,
+            inputs_embeds=self.input_dropout(embeddings),
             attention_mask=mask.long(),
             position_ids=position_ids,
             use_cache=False,
