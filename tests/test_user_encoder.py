@@ -114,4 +114,5 @@ def test_dropout_acts_in_training_only():
     with torch.no_grad():
         first, second = dropped.train()(embeddings, mask), dropped(embeddings, mask)
         assert (first - second).abs().max() > 1e-3
-        torch.testing.assert_close(dropped.eval()(embeddings, mask), plain(embeddings, mask), atol=ATOL, rtol=0)
+        evaluated = dropped.eval()(embeddings, mask)
+        torch.testing.assert_close(evaluated, plain(embeddings, mask), atol=ATOL, rtol=0)
