@@ -91,8 +91,23 @@ def training_schedule(optimizer: torch.optim.Optimizer, config: RunConfig, num_b
     return cosine_with_warmup(optimizer, total, config.train.warmup)
 
 
+def last_checkpoint(config: RunConfig, *, resume: bool) -> Path:
+    """The run's last.ckpt, which `run_epochs` writes; a fresh run (no `resume`) may not start
+    over one."""
+    folder = run_folder(config)
+    last = folder / "checkpoints" / "last.ckpt"
+    if not resume and last.exists():
+        raise UserError(
+            "run folder already has checkpoints; pass --resume or another name=", where=str(folder)
+        )
+    return last
+
+
 def resume_state(fabric: L.Fabric, path: Path, model, optimizer, scheduler) -> TrainState:
-    """Load model, optimizer, scheduler and RNG from a `run_epochs` checkpoint; where it stood."""
+    """Where training stands: the start when `path` (see `last_checkpoint`) does not exist, else
+    the model, optimizer, scheduler and RNG loaded from that `run_epochs` checkpoint."""
+    if not path.exists():
+        return TrainState()
     extra = fabric.load(path, {"model": model, "optimizer": optimizer})
     scheduler.load_state_dict(extra["scheduler"])
     state = TrainState(**extra["train_state"])
@@ -141,11 +156,7 @@ def make_fabric(config: RunConfig, folder: Path) -> L.Fabric:
 def fit(config: RunConfig, *, resume: bool = False) -> dict:
     """Train, select on validation, test the best checkpoint once; return the metrics written."""
     folder = run_folder(config)
-    last = folder / "checkpoints" / "last.ckpt"
-    if not resume and last.exists():
-        raise UserError(
-            "run folder already has checkpoints; pass --resume or another name=", where=str(folder)
-        )
+    last = last_checkpoint(config, resume=resume)
     fabric = make_fabric(config, folder)
     fabric.seed_everything(config.train.seed)
     data = prepare_dataset(config.data)
@@ -160,9 +171,7 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
     # Route training_loss through the wrapper's forward so DDP/FSDP hooks (gradient sync) run.
     model.mark_forward_method("training_loss")
     cache_frozen_items(model.module, tokens, batch_size=config.eval.item_batch_size, device=fabric.device)
-    state = TrainState()
-    if resume and last.exists():
-        state = resume_state(fabric, last, model, optimizer, scheduler)
+    state = resume_state(fabric, last, model, optimizer, scheduler)
 
     def validate() -> dict:
         return evaluate_split(config, model.module, data, tokens, "valid", device=fabric.device)
@@ -230,7 +239,7 @@ def run_epochs(
             batches,
             config=config,
             state=state,
-            snapshot=snapshot,
+            save_last=lambda: snapshot(last),
             guard=guard,
         )
         if state.batch < len(batches):  # stopped by max_steps inside the epoch
@@ -291,8 +300,9 @@ def _done(config: RunConfig, state: TrainState) -> bool:
     return 0 < config.train.max_steps <= state.step
 
 
-def train_epoch(fabric, model, optimizer, scheduler, batches, *, config, state, snapshot, guard) -> None:
-    """Run the rest of the current epoch (from `state.batch`), one optimizer step per `accumulate`."""
+def train_epoch(fabric, model, optimizer, scheduler, batches, *, config, state, save_last, guard) -> None:
+    """Run the rest of the current epoch (from `state.batch`), one optimizer step per `accumulate`;
+    `save_last` writes last.ckpt every train.checkpoint_every steps."""
     accumulate = config.train.accumulate
     bar = tqdm(
         range(state.batch, len(batches)),
@@ -342,7 +352,7 @@ def train_epoch(fabric, model, optimizer, scheduler, batches, *, config, state, 
                 acc=f"{stats.get('accuracy', 0):.2f}",
             )
         if config.train.checkpoint_every and state.step % config.train.checkpoint_every == 0:
-            snapshot(run_folder(config) / "checkpoints" / "last.ckpt")
+            save_last()
         if _done(config, state):
             break
     bar.close()

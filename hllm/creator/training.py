@@ -26,7 +26,15 @@ from hllm.files import write_json, write_text
 from hllm.models.backbone import load_causal_lm
 from hllm.models.hllm import HLLM
 from hllm.runs import Run, add_lora, load_run, read_checkpoint, run_folder
-from hllm.train import TrainState, make_fabric, make_optimizer, resume_state, run_epochs, training_schedule
+from hllm.train import (
+    TrainState,
+    last_checkpoint,
+    make_fabric,
+    make_optimizer,
+    resume_state,
+    run_epochs,
+    training_schedule,
+)
 
 
 def load_hllm(config: RunConfig) -> Run:
@@ -90,9 +98,7 @@ def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = N
 
     `hllm` may pass an already loaded HLLM run (the demo does, to encode the catalogue once)."""
     folder = run_folder(config)
-    last = folder / "checkpoints" / "last.ckpt"
-    if not resume and last.exists():
-        raise UserError("run folder already has checkpoints; pass --resume or another name=", str(folder))
+    last = last_checkpoint(config, resume=resume)
     config = _absolute_paths(config)
     rows = read_rows(config.creator.train.rows)
     hllm = hllm or load_hllm(config)
@@ -114,9 +120,7 @@ def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = N
     model, optimizer = fabric.setup(model, optimizer)
     model.mark_forward_method("training_loss")
     model.module.cache_item_table(batch_size=config.eval.item_batch_size)
-    state = TrainState()
-    if resume and last.exists():
-        state = resume_state(fabric, last, model, optimizer, scheduler)
+    state = resume_state(fabric, last, model, optimizer, scheduler)
     started = time.perf_counter()
     run_epochs(
         fabric,
