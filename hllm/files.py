@@ -36,18 +36,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def publish_folder(write: Callable[[Path], Any], folder: Path, *, replace: bool) -> None:
     """Run `write(tmp)` on a fresh temporary folder, then rename it to `folder`: never half-written.
 
-    An existing `folder` is swapped out with `replace`, else left as it is (and `tmp` dropped).
+    An existing `folder` is swapped out with `replace`, else left as it is (and `tmp` dropped). Without
+    `replace`, processes may race to publish the same folder (DDP ranks filling one cache): the first
+    rename wins and the others keep it.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     old = folder.with_name(f"{tmp.name}.old")
     try:
         write(tmp)
-        if folder.exists():
-            if not replace:  # another process published it first (a DDP rank, the same cache)
-                return
+        if replace and folder.exists():
             os.replace(folder, old)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)  # no check first: another process may publish in between
+        except OSError:
+            if replace or not folder.is_dir():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -159,8 +159,9 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
     last = last_checkpoint(config, resume=resume)
     fabric = make_fabric(config, folder)
     fabric.seed_everything(config.train.seed)
-    data = prepare_dataset(config.data)
-    model, tokens = build_model(config, data)
+    with fabric.rank_zero_first():  # rank 0 fills the data and weights caches; the others read them
+        data = prepare_dataset(config.data)
+        model, tokens = build_model(config, data)
     if fabric.global_rank == 0:
         write_text(folder / "config.yaml", dump_config(config))
     share_negatives(model, fabric)
