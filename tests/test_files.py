@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-import hllm.files
 from hllm.files import publish_folder
 
 
@@ -30,7 +29,7 @@ def test_a_publisher_that_lost_the_race_keeps_the_winners_folder(tmp_path, monke
             rename(tmp_path / "theirs", folder)
         rename(src, dst)
 
-    monkeypatch.setattr(hllm.files.os, "replace", another_process_publishes_first)
+    monkeypatch.setattr(os, "replace", another_process_publishes_first)
     publish_folder(writer("mine"), folder, replace=False)
     assert (folder / "part.txt").read_text() == "theirs"
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # no temporary folder left behind
