@@ -36,6 +36,11 @@ def run_folder(config: RunConfig) -> Path:
     return Path(config.out_dir) / config.name
 
 
+def checkpoint_path(folder: Path, name: str) -> Path:
+    """Where a run folder keeps checkpoint `name` (last, best)."""
+    return folder / "checkpoints" / f"{name}.ckpt"
+
+
 def config_hash(config: RunConfig) -> str:
     return hash_json(config_to_dict(config))
 
@@ -188,12 +193,10 @@ def load_run(folder: str | Path, *, checkpoint: str = "best") -> Run:
     data = prepare_dataset(config.data)
     model, tokens = build_model(config, data)
     if config.model.kind != "popularity":
-        state = read_checkpoint(folder / "checkpoints" / f"{checkpoint}.ckpt")
+        path = checkpoint_path(folder, checkpoint)
+        state = read_checkpoint(path)
         if "model" not in state:
-            raise UserError(
-                "checkpoint has no model weights",
-                where=str(folder / "checkpoints" / f"{checkpoint}.ckpt"),
-            )
+            raise UserError("checkpoint has no model weights", where=str(path))
         model.load_state_dict(state["model"])
         cache_frozen_items(model, tokens, batch_size=config.eval.item_batch_size, device="cpu")
     model.eval()

@@ -25,7 +25,14 @@ from hllm.data.dataset import prepare_dataset
 from hllm.errors import UserError
 from hllm.evaluate import evaluate, protocol_card
 from hllm.files import write_json, write_text
-from hllm.runs import build_model, cache_frozen_items, config_hash, read_checkpoint, run_folder
+from hllm.runs import (
+    build_model,
+    cache_frozen_items,
+    checkpoint_path,
+    config_hash,
+    read_checkpoint,
+    run_folder,
+)
 
 NO_DECAY = ("bias", "norm", "embed", "item_token", "logit_scale")
 ITEM_LLM = "item_encoder."  # parameter-name prefix of the Item LLM
@@ -91,11 +98,10 @@ def training_schedule(optimizer: torch.optim.Optimizer, config: RunConfig, num_b
     return cosine_with_warmup(optimizer, total, config.train.warmup)
 
 
-def last_checkpoint(config: RunConfig, *, resume: bool) -> Path:
+def last_checkpoint(folder: Path, *, resume: bool) -> Path:
     """The run's last.ckpt, which `run_epochs` writes; a fresh run (no `resume`) may not start
     over one."""
-    folder = run_folder(config)
-    last = folder / "checkpoints" / "last.ckpt"
+    last = checkpoint_path(folder, "last")
     if not resume and last.exists():
         raise UserError(
             "run folder already has checkpoints; pass --resume or another name=", where=str(folder)
@@ -156,7 +162,7 @@ def make_fabric(config: RunConfig, folder: Path) -> L.Fabric:
 def fit(config: RunConfig, *, resume: bool = False) -> dict:
     """Train, select on validation, test the best checkpoint once; return the metrics written."""
     folder = run_folder(config)
-    last = last_checkpoint(config, resume=resume)
+    last = last_checkpoint(folder, resume=resume)
     fabric = make_fabric(config, folder)
     fabric.seed_everything(config.train.seed)
     with fabric.rank_zero_first():  # rank 0 fills the data and weights caches; the others read them
@@ -212,8 +218,8 @@ def run_epochs(
     """Epochs from `state` until train.epochs, train.max_steps or early stopping (train.patience
     epochs that `record` did not call improved); last.ckpt after each epoch, best.ckpt on gains.
     A checkpoint holds what `resume_state` reloads, plus the config."""
-    checkpoints = run_folder(config) / "checkpoints"
-    last, best = checkpoints / "last.ckpt", checkpoints / "best.ckpt"
+    folder = run_folder(config)
+    last, best = checkpoint_path(folder, "last"), checkpoint_path(folder, "best")
 
     def snapshot(path: Path) -> None:
         save_checkpoint(
@@ -426,7 +432,7 @@ def evaluate_split(config: RunConfig, model, data, tokens, split, *, device="cpu
 
 def finish(fabric, config, folder, model, data, tokens, state, seconds) -> dict:
     """Reload the best checkpoint, score valid and test once, write metrics.json."""
-    model.module.load_state_dict(read_checkpoint(folder / "checkpoints" / "best.ckpt")["model"])
+    model.module.load_state_dict(read_checkpoint(checkpoint_path(folder, "best"))["model"])
     result = {
         split: evaluate_split(config, model.module, data, tokens, split, device=fabric.device)
         for split in ("valid", "test")

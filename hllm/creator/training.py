@@ -25,7 +25,7 @@ from hllm.errors import UserError
 from hllm.files import write_json, write_text
 from hllm.models.backbone import load_causal_lm
 from hllm.models.hllm import HLLM
-from hllm.runs import Run, add_lora, load_run, read_checkpoint, run_folder
+from hllm.runs import Run, add_lora, checkpoint_path, load_run, read_checkpoint, run_folder
 from hllm.train import (
     TrainState,
     last_checkpoint,
@@ -98,7 +98,7 @@ def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = N
 
     `hllm` may pass an already loaded HLLM run (the demo does, to encode the catalogue once)."""
     folder = run_folder(config)
-    last = last_checkpoint(config, resume=resume)
+    last = last_checkpoint(folder, resume=resume)
     config = _absolute_paths(config)
     rows = read_rows(config.creator.train.rows)
     hllm = hllm or load_hllm(config)
@@ -210,7 +210,7 @@ def load_creator(folder: str | Path, *, checkpoint: str = "best", hllm: Run | No
     config = load_config(folder / "config.yaml")
     hllm = hllm or load_hllm(config)
     model = build_creator(config, hllm)
-    path = folder / "checkpoints" / f"{checkpoint}.ckpt"
+    path = checkpoint_path(folder, checkpoint)
     weights = read_checkpoint(path).get("model")
     if weights is None:
         raise UserError("checkpoint has no model weights", where=str(path))
