@@ -134,9 +134,8 @@ def evaluate_run(
     as_json: Annotated[bool, typer.Option("--json", help="Print {valid: {...}, test: {...}}.")] = False,
 ) -> None:
     """Score a trained run on the whole catalogue (best checkpoint)."""
-    from hllm.evaluate import item_table
+    from hllm.evaluate import evaluate_split, item_table
     from hllm.runs import load_run
-    from hllm.train import evaluate_split
 
     splits = {"both": ["valid", "test"], "valid": ["valid"], "test": ["test"]}.get(split)
     if splits is None:
@@ -171,7 +170,7 @@ def recommend(
 ) -> None:
     """Top-k items for a user of the dataset or for a given history, with titles and scores."""
     if server is not None:
-        from hllm.serve import recommend_remote
+        from hllm.serving.app import recommend_remote
 
         if items is None or run_dir is not None or user is not None:
             raise UserError("with --server give --items ID,ID,... only (no RUN_DIR, no --user)", "recommend")
@@ -201,7 +200,7 @@ def export(
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
 ) -> None:
     """Write a self-contained serving artifact (weights, item table, ids, texts, manifest)."""
-    from hllm.export import export_run
+    from hllm.serving.export import export_run
 
     typer.echo(f"artifact written to {export_run(run_dir, out_dir, checkpoint=checkpoint)}")
 
@@ -213,8 +212,8 @@ def index(
     kind: Annotated[str, typer.Option("--kind", help="exact, hnsw or ivf.")] = "hnsw",
 ) -> None:
     """Build (and save) the artifact's index; report its recall@10 against exact search."""
-    from hllm.export import load_artifact
-    from hllm.index import index_artifact
+    from hllm.serving.export import load_artifact
+    from hllm.serving.index import index_artifact
 
     typer.echo(json.dumps(index_artifact(load_artifact(artifact, overrides), kind)))
 
@@ -227,8 +226,8 @@ def serve(
     port: Annotated[int | None, typer.Option("--port", help="Default: serve.port.")] = None,
 ) -> None:
     """Serve recommendations over HTTP (docs at /docs); serve.* overrides pick the index."""
-    from hllm.export import load_artifact
-    from hllm.serve import run_server
+    from hllm.serving.app import run_server
+    from hllm.serving.export import load_artifact
 
     loaded = load_artifact(artifact, overrides)
     run_server(loaded, host=host or loaded.config.serve.host, port=port or loaded.config.serve.port)

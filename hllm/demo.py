@@ -12,11 +12,11 @@ from rich.table import Table
 from hllm.config import load_config
 from hllm.data.batches import training_items
 from hllm.data.dataset import prepare_dataset
-from hllm.evaluate import item_table, recommend_items
+from hllm.evaluate import evaluate_split, item_table, recommend_items
 from hllm.files import write_json
 from hllm.models.popularity import Popularity
 from hllm.runs import Run, load_run, run_folder
-from hllm.train import evaluate_split, fit
+from hllm.train import fit
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 SHOWN_METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50", "mrr")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hllm.config import RunConfig
 from hllm.data.batches import eval_batches
 from hllm.data.dataset import SequenceData
 from hllm.data.text import ItemTokens, PackedItems, pack_items
@@ -142,3 +143,19 @@ def recommend_items(
         scores[torch.tensor(history, device=table.device)] = -torch.inf
     top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
     return top.indices.tolist(), top.values.tolist()
+
+
+def evaluate_split(config: RunConfig, model, data, tokens, split, *, device="cpu", table=None) -> dict:
+    """`evaluate` with the run's evaluation settings."""
+    return evaluate(
+        model,
+        data,
+        split,
+        item_tokens=tokens,
+        ks=config.eval.ks,
+        batch_size=config.eval.batch_size,
+        item_batch_size=config.eval.item_batch_size,
+        max_history=config.data.max_history,
+        device=device,
+        table=table,
+    )

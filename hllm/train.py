@@ -23,16 +23,10 @@ from hllm.config import RunConfig, config_to_dict, dump_config
 from hllm.data.batches import TrainBatches
 from hllm.data.dataset import prepare_dataset
 from hllm.errors import UserError
-from hllm.evaluate import evaluate, protocol_card
+from hllm.evaluate import evaluate_split, protocol_card
 from hllm.files import write_json, write_text
-from hllm.runs import (
-    build_model,
-    cache_frozen_items,
-    checkpoint_path,
-    config_hash,
-    read_checkpoint,
-    run_folder,
-)
+from hllm.models.build import build_model, cache_frozen_items
+from hllm.runs import checkpoint_path, config_hash, read_checkpoint, run_folder
 
 NO_DECAY = ("bias", "norm", "embed", "item_token", "logit_scale")
 ITEM_LLM = "item_encoder."  # parameter-name prefix of the Item LLM
@@ -412,22 +406,6 @@ def record_validation(fabric: L.Fabric, config: RunConfig, state: TrainState, me
         f"{' (best)' if improved else ''}  recall@10 = {metrics.get('recall@10', 0):.4f}"
     )
     return improved
-
-
-def evaluate_split(config: RunConfig, model, data, tokens, split, *, device="cpu", table=None) -> dict:
-    """`evaluate` with the run's evaluation settings."""
-    return evaluate(
-        model,
-        data,
-        split,
-        item_tokens=tokens,
-        ks=config.eval.ks,
-        batch_size=config.eval.batch_size,
-        item_batch_size=config.eval.item_batch_size,
-        max_history=config.data.max_history,
-        device=device,
-        table=table,
-    )
 
 
 def finish(fabric, config, folder, model, data, tokens, state, seconds) -> dict:

@@ -17,7 +17,7 @@ import uvicorn
 from hllm.bench.serve import free_port
 from hllm.config import DataConfig, load_config
 from hllm.data.dataset import SequenceData, prepare_dataset
-from hllm.export import export_run
+from hllm.serving.export import export_run
 from hllm.train import fit
 
 FIXTURES = Path(__file__).parent / "fixtures"

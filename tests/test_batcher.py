@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hllm.batcher import Batcher
+from hllm.serving.batcher import Batcher
 
 
 def test_concurrent_jobs_share_passes_and_each_gets_its_own_answer():

@@ -16,11 +16,11 @@ import pytest
 from fastapi.responses import JSONResponse
 
 from hllm.config import CreatorDataConfig, DataConfig, LLMConfig
-from hllm.creator.judge import judge_titles, parse_choice, verdict
-from hllm.creator.llm import LLMError, LocalChat, OpenAIChat
-from hllm.creator.llm_server import create_llm_app
-from hllm.creator.prompts import JUDGE, PROFILE, REWRITE, VERIFY
-from hllm.creator.teacher import build_data, parse_interests, parse_title, parse_yes_no
+from hllm.creator.data.judge import judge_titles, parse_choice, verdict
+from hllm.creator.data.llm import LLMError, LocalChat, OpenAIChat
+from hllm.creator.data.llm_server import create_llm_app
+from hllm.creator.data.prompts import JUDGE, PROFILE, REWRITE, VERIFY
+from hllm.creator.data.teacher import build_data, parse_interests, parse_title, parse_yes_no
 from hllm.errors import UserError
 from tests.conftest import serving_app
 from tests.test_cli import assert_one_line_error, run_cli

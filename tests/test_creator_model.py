@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hllm.config import load_config
-from hllm.creator.dataset import CreatorBatches, make_examples
-from hllm.creator.heads import ConcatHead, Matcher, MixerHead
-from hllm.creator.layout import IGNORE, pad
-from hllm.creator.losses import align_loss, matching_loss, target_token_loss
-from hllm.creator.training import build_creator
+from hllm.creator.model.dataset import CreatorBatches, make_examples
+from hllm.creator.model.heads import ConcatHead, Matcher, MixerHead
+from hllm.creator.model.layout import IGNORE, pad
+from hllm.creator.model.losses import align_loss, matching_loss, target_token_loss
+from hllm.creator.model.training import build_creator
 from hllm.runs import load_run
 
 INTERESTS = (["science lab"], ["home office"], ["kids toy"])

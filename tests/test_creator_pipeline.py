@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from hllm.config import dump_config, load_config
-from hllm.creator.clusters import assign_clusters, fit_kmeans, top_clusters
 from hllm.creator.evaluate import other_rows, variant_metrics
-from hllm.creator.infer import UserEmbedder, embed_shards, infer, lookup_title, read_embeddings
-from hllm.creator.model import CreativeLLM
-from hllm.creator.training import load_creator
+from hllm.creator.infer.clusters import assign_clusters, fit_kmeans, top_clusters
+from hllm.creator.infer.infer import UserEmbedder, embed_shards, infer, lookup_title, read_embeddings
+from hllm.creator.model.model import CreativeLLM
+from hllm.creator.model.training import load_creator
 from hllm.runs import load_run
 from hllm.train import fit
 from tests.conftest import tiny_overrides
@@ -282,7 +282,7 @@ def test_hllm_judge_embeds_the_original_title_as_the_catalogue_item(creator_run)
 
 
 def test_an_interrupted_training_resumes_exactly(workspace, tmp_path, monkeypatch):
-    from hllm.creator.training import fit_creator
+    from hllm.creator.model.training import fit_creator
 
     def train(name: str, *, resume: bool = False) -> dict:
         overrides = [

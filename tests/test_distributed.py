@@ -15,7 +15,7 @@ import torch
 
 from hllm.config import load_config
 from hllm.data.dataset import prepare_dataset
-from hllm.runs import build_model, cache_frozen_items
+from hllm.models.build import build_model, cache_frozen_items
 from hllm.train import make_batches, share_negatives
 from tests.conftest import tiny_overrides
 

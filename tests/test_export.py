@@ -11,8 +11,8 @@ import torch
 
 from hllm.errors import UserError
 from hllm.evaluate import item_table, recommend_items
-from hllm.export import encode_histories, encode_texts, load_artifact, read_manifest
 from hllm.runs import load_run
+from hllm.serving.export import encode_histories, encode_texts, load_artifact, read_manifest
 from tests.conftest import copy_artifact
 from tests.test_cli import assert_one_line_error, run_cli
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hllm.creator.hallucination import REASONS, Verdict, check_title, collect_brands
+from hllm.creator.data.hallucination import REASONS, Verdict, check_title, collect_brands
 
 Catalogues = dict[str, dict[str, dict[str, str]]]
 

@@ -8,11 +8,11 @@ import faiss
 import numpy as np
 import pytest
 
-import hllm.index
+import hllm.serving.index
 from hllm.config import ServeConfig
 from hllm.errors import UserError
-from hllm.export import load_artifact
-from hllm.index import (
+from hllm.serving.export import load_artifact
+from hllm.serving.index import (
     ItemIndex,
     build_index,
     index_artifact,
@@ -163,7 +163,7 @@ def test_index_artifact_reports_recall_and_saves_an_index_open_index_reuses(
 
     settings = settings_of(artifact.config.serve, "hnsw")
     with monkeypatch.context() as patch:
-        patch.setattr(hllm.index, "build_index", no_build)
+        patch.setattr(hllm.serving.index, "build_index", no_build)
         index = open_index(artifact, settings)
         # The search width is set per query: a new one reuses the saved graph.
         wider = open_index(artifact, {**settings, "hnsw_ef_search": 777})

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from hllm.bench.serve import free_port, start_server
-from hllm.export import load_artifact
-from hllm.serve import create_app
+from hllm.serving.app import create_app
+from hllm.serving.export import load_artifact
 from tests.conftest import copy_artifact, serving_app
 from tests.test_cli import assert_one_line_error, run_cli
 

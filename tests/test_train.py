@@ -13,7 +13,8 @@ from hllm.config import load_config
 from hllm.data.dataset import prepare_dataset
 from hllm.data.text import pack_items
 from hllm.evaluate import evaluate
-from hllm.runs import build_model, cache_frozen_items, load_run
+from hllm.models.build import build_model, cache_frozen_items
+from hllm.runs import load_run
 from hllm.train import fit, make_batches
 from tests.conftest import tiny_overrides
 
@@ -197,7 +198,7 @@ def test_lora_trains_adapters_and_leaves_the_item_llm_untouched(cycle_data, tmp_
     assert lora, "no LoRA adapters in the item encoder"
     base = run.model.item_encoder.model.embeddings.word_embeddings.weight
     fresh = load_config(None, tiny_overrides(cycle_data, tmp_path))
-    from hllm.runs import build_model
+    from hllm.models.build import build_model
 
     untouched, _ = build_model(fresh, run.data)
     assert torch.equal(base, untouched.item_encoder.model.embeddings.word_embeddings.weight)

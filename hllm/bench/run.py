@@ -12,11 +12,11 @@ from hllm.config import RunConfig, config_to_dict, load_config
 from hllm.data.batches import training_items
 from hllm.data.dataset import prepare_dataset
 from hllm.errors import UserError
-from hllm.evaluate import protocol_card
+from hllm.evaluate import evaluate_split, protocol_card
 from hllm.files import write_json
 from hllm.models.popularity import Popularity
 from hllm.runs import config_hash
-from hllm.train import evaluate_split, fit
+from hllm.train import fit
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"

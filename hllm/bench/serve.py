@@ -23,9 +23,9 @@ import pandas as pd
 
 from hllm.bench.report import write_markdown_section
 from hllm.errors import UserError
-from hllm.export import load_artifact, read_manifest, write_catalogue, write_manifest
 from hllm.files import write_json
-from hllm.index import index_artifact, settings_of
+from hllm.serving.export import load_artifact, read_manifest, write_catalogue, write_manifest
+from hllm.serving.index import index_artifact, settings_of
 
 HEADING = "## Serving"
 STARTUP_S = 600  # a 1M-item artifact is hashed, loaded and indexed before /health answers

@@ -208,7 +208,7 @@ def peak_rss_mb() -> float:
 def train_step_worker(settings: SpeedSettings, backbone: str, mode: str, checkpointing: bool) -> dict:
     """Time `train_steps` optimizer steps (after a warm-up) in this fresh process; count their FLOPs
     (without checkpointing: recomputation is not model work) and report the process's peak RSS."""
-    from hllm.runs import build_model
+    from hllm.models.build import build_model
     from hllm.train import make_batches, make_optimizer
 
     torch.manual_seed(0)
@@ -280,7 +280,7 @@ def bench_training(settings: SpeedSettings, backbone: str, done: set) -> list[di
 def bench_eval(settings: SpeedSettings, data: SequenceData, backbone: str, *, full: bool) -> dict:
     """Items encoded per second in evaluation order (the whole catalogue when `full`, else about
     `seconds` worth); with `full`, also users ranked per second against that table."""
-    from hllm.runs import build_model
+    from hllm.models.build import build_model
 
     config = _train_config(settings, backbone, "finetune", False)
     model, tokens = build_model(config, data)

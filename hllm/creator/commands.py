@@ -44,7 +44,7 @@ def build_data_command(
     config: Config = None,
 ) -> None:
     """Profile users, rewrite titles for them, filter hallucinations: DIR/rows.parquet + report.json."""
-    from hllm.creator.teacher import build_data
+    from hllm.creator.data.teacher import build_data
 
     flags = _llm_overrides("teacher", backend, model, base_url)
     flags += [f"creator.data.limit={limit}"] if limit is not None else []
@@ -84,7 +84,7 @@ def judge_command(
     config: Config = None,
 ) -> None:
     """Good/Same/Bad of CANDIDATE vs ORIGINAL per user, asked in both orders; Adv = (G - B) / total."""
-    from hllm.creator.judge import judge_titles
+    from hllm.creator.data.judge import judge_titles
 
     run = load_config(config, [*_llm_overrides("judge", backend, model, base_url), *(overrides or [])])
     report = judge_titles(
@@ -121,8 +121,8 @@ def serve_llm_command(
     overrides: Overrides = None,
 ) -> None:
     """An OpenAI-compatible chat endpoint over a local model (POST /v1/chat/completions)."""
-    from hllm.creator.llm import LocalChat
-    from hllm.creator.llm_server import run_llm_server
+    from hllm.creator.data.llm import LocalChat
+    from hllm.creator.data.llm_server import run_llm_server
 
     run = load_config(None, [f"creator.teacher.model={model}", *(overrides or [])])
     key = os.environ.get(api_key_env) if api_key_env else None
@@ -139,7 +139,7 @@ def train_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
 ) -> None:
     """Train the Creative LLM on build-data rows (kept rows of the training users); writes runs/NAME/."""
-    from hllm.creator.training import fit_creator
+    from hllm.creator.model.training import fit_creator
 
     result = fit_creator(load_config(config, overrides), resume=resume)
     table = Table(title="Creator training", show_header=False)
@@ -159,8 +159,8 @@ def generate_command(
     n: Annotated[int, typer.Option("--n", help="Titles to sample.")] = 3,
 ) -> None:
     """Personalised titles of ITEM for USER, beside the original title and the user's recent items."""
-    from hllm.creator.generation import personalise
-    from hllm.creator.training import load_creator
+    from hllm.creator.infer.generation import personalise
+    from hllm.creator.model.training import load_creator
 
     if n < 1:
         raise UserError(f"must be at least 1, got {n}", where="--n")
@@ -192,7 +192,7 @@ def infer_command(
 
     Several processes: torchrun --nproc_per_node 4 -m hllm creator infer RUN --out DIR
     (with creator.infer.devices=4 in the run's config.yaml)."""
-    from hllm.creator.infer import start_infer
+    from hllm.creator.infer.infer import start_infer
 
     report = start_infer(run_dir, out, items=items.split(",") if items else None)
     if report:
@@ -209,7 +209,7 @@ def lookup_command(
     item: Annotated[str, typer.Option("--item", help="An item id.")],
 ) -> None:
     """The title to show USER for ITEM: its cluster's title, or the original when there is none."""
-    from hllm.creator.infer import lookup_title
+    from hllm.creator.infer.infer import lookup_title
 
     title, source = lookup_title(infer_dir, user, item)
     typer.echo(f"{title}\t({source})")
@@ -229,7 +229,7 @@ def evaluate_command(
     """Creator titles for held-out users vs the original: hallucination rate, HLLM-as-judge wins and
     personalisation lift, with the random-user and no-user ablations (and GSB with --gsb)."""
     from hllm.creator.evaluate import evaluate_creator
-    from hllm.creator.training import load_creator
+    from hllm.creator.model.training import load_creator
 
     run = load_creator(run_dir)
     flags = load_config(None, [*_llm_overrides("judge", backend, model, base_url), *(overrides or [])])

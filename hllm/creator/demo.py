@@ -15,11 +15,11 @@ from rich.console import Console
 
 from hllm.bench.run import DATASETS, HLLM_FROZEN
 from hllm.config import CreatorDataConfig, LLMConfig, load_config
+from hllm.creator.data.stages import claim_folder
+from hllm.creator.data.teacher import build_data
 from hllm.creator.evaluate import evaluate_creator
-from hllm.creator.infer import embed_shards, infer
-from hllm.creator.stages import claim_folder
-from hllm.creator.teacher import build_data
-from hllm.creator.training import fit_creator, load_creator
+from hllm.creator.infer.infer import embed_shards, infer
+from hllm.creator.model.training import fit_creator, load_creator
 from hllm.files import write_json
 from hllm.runs import load_run
 from hllm.train import fit

@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 
 from hllm.config import LLMConfig
-from hllm.creator.dataset import history_before
-from hllm.creator.generation import Catalogue, generate_titles, user_slots
-from hllm.creator.judge import judge_titles
-from hllm.creator.model import left_pad
-from hllm.creator.training import CreatorRun
+from hllm.creator.data.judge import judge_titles
+from hllm.creator.infer.generation import Catalogue, generate_titles, user_slots
+from hllm.creator.model.dataset import history_before
+from hllm.creator.model.model import left_pad
+from hllm.creator.model.training import CreatorRun
 from hllm.data.dataset import TITLE_FIELDS
 from hllm.data.formats import locate, read_source
 from hllm.data.text import build_item_text, pack_items, tokenize_items

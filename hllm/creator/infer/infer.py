@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hllm.creator.clusters import assign_clusters, fit_kmeans, top_clusters
-from hllm.creator.generation import Catalogue, generate_titles, user_slots
-from hllm.creator.stages import PartStore, claim_folder
-from hllm.creator.training import CreatorRun, load_creator
+from hllm.creator.data.stages import PartStore, claim_folder
+from hllm.creator.infer.clusters import assign_clusters, fit_kmeans, top_clusters
+from hllm.creator.infer.generation import Catalogue, generate_titles, user_slots
+from hllm.creator.model.training import CreatorRun, load_creator
 from hllm.errors import UserError
 from hllm.files import atomic_write
 

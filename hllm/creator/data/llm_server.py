@@ -17,8 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from hllm.batcher import Batcher
-from hllm.creator.llm import ChatModel, Conversation
+from hllm.creator.data.llm import ChatModel, Conversation
+from hllm.serving.batcher import Batcher
 
 Job = tuple[Conversation, float | None, int | None]  # messages, temperature, max_tokens
 

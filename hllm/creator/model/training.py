@@ -18,14 +18,15 @@ import pandas as pd
 import torch
 
 from hllm.config import RunConfig, dump_config, load_config
-from hllm.creator.dataset import CreatorBatches, held_out_users, make_examples, read_rows
-from hllm.creator.layout import PromptLayout
-from hllm.creator.model import CreativeLLM, LossWeights
+from hllm.creator.model.dataset import CreatorBatches, held_out_users, make_examples, read_rows
+from hllm.creator.model.layout import PromptLayout
+from hllm.creator.model.model import CreativeLLM, LossWeights
 from hllm.errors import UserError
 from hllm.files import write_json, write_text
 from hllm.models.backbone import load_causal_lm
+from hllm.models.build import add_lora
 from hllm.models.hllm import HLLM
-from hllm.runs import Run, add_lora, checkpoint_path, load_run, read_checkpoint, run_folder
+from hllm.runs import Run, checkpoint_path, load_run, read_checkpoint, run_folder
 from hllm.train import (
     TrainState,
     last_checkpoint,

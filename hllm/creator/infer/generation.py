@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from hllm.config import DataConfig
-from hllm.creator.hallucination import Verdict, check_title, collect_brands
-from hllm.creator.model import CreativeLLM, left_pad
-from hllm.creator.teacher import read_catalogue
+from hllm.creator.data.hallucination import Verdict, check_title, collect_brands
+from hllm.creator.data.teacher import read_catalogue
+from hllm.creator.model.model import CreativeLLM, left_pad
 from hllm.errors import UserError
 
 SAMPLING_TEMPERATURE = 0.8  # `generate --n` samples when the configured temperature is greedy

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hllm.creator.losses import IGNORE
+from hllm.creator.model.losses import IGNORE
 
 HEADER = "Write a product title for one shopper.\nShopper:"
 TITLE_CUE, POINTS_CUE, ANSWER_CUE = "\nOriginal title:", "\nSelling points:", "\nTitle for this shopper:"

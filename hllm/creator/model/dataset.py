@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hllm.creator.layout import PromptLayout, Sequence, pad
-from hllm.creator.model import CreatorBatch, left_pad
+from hllm.creator.model.layout import PromptLayout, Sequence, pad
+from hllm.creator.model.model import CreatorBatch, left_pad
 from hllm.data.dataset import SequenceData
 from hllm.errors import UserError
 

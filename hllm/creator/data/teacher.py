@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 
 from hllm.config import CreatorDataConfig, DataConfig, LLMConfig
-from hllm.creator.hallucination import REASONS, check_title, collect_brands
-from hllm.creator.llm import ChatModel, open_chat_model
-from hllm.creator.prompts import PROFILE, REWRITE, VERIFY
-from hllm.creator.stages import Parsed, PartStore, Stage, claim_folder, run_stage, stage_values
+from hllm.creator.data.hallucination import REASONS, check_title, collect_brands
+from hllm.creator.data.llm import ChatModel, open_chat_model
+from hllm.creator.data.prompts import PROFILE, REWRITE, VERIFY
+from hllm.creator.data.stages import Parsed, PartStore, Stage, claim_folder, run_stage, stage_values
 from hllm.data.dataset import TITLE_FIELDS, SequenceData, prepare_dataset
 from hllm.data.formats import locate, read_source
 from hllm.errors import UserError

@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 from hllm.config import LLMConfig
-from hllm.creator.llm import open_chat_model
-from hllm.creator.prompts import JUDGE
-from hllm.creator.stages import Parsed, PartStore, Stage, claim_folder, run_stage, stage_values
+from hllm.creator.data.llm import open_chat_model
+from hllm.creator.data.prompts import JUDGE
+from hllm.creator.data.stages import Parsed, PartStore, Stage, claim_folder, run_stage, stage_values
 from hllm.errors import UserError
 from hllm.files import atomic_write, write_json
 

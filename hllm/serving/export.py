@@ -27,7 +27,8 @@ from hllm.errors import UserError
 from hllm.evaluate import item_table
 from hllm.files import hash_file, publish_folder, write_json
 from hllm.models.backbone import load_backbone
-from hllm.runs import build_model, config_hash, load_run
+from hllm.models.build import build_model
+from hllm.runs import config_hash, load_run
 
 FORMAT = 1
 SAMPLE_USERS = 1000  # held-out histories kept for index recall checks and load tests

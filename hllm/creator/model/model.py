@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hllm.creator.heads import Matcher
-from hllm.creator.layout import Padded, PromptLayout, Sequence, pad
-from hllm.creator.losses import align_loss, matching_loss, target_token_loss
+from hllm.creator.model.heads import Matcher
+from hllm.creator.model.layout import Padded, PromptLayout, Sequence, pad
+from hllm.creator.model.losses import align_loss, matching_loss, target_token_loss
 from hllm.data.text import ItemTokens, pack_items
 from hllm.models.hllm import HLLM
 from hllm.models.losses import LogitScale

@@ -19,8 +19,8 @@ import numpy as np
 
 from hllm.config import ServeConfig
 from hllm.errors import UserError
-from hllm.export import Artifact, encode_histories
 from hllm.files import atomic_write, write_json
+from hllm.serving.export import Artifact, encode_histories
 
 KINDS = ("exact", "hnsw", "ivf")
 RECALL_K = 10

@@ -20,11 +20,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
-from hllm.batcher import Batcher
 from hllm.errors import UserError
-from hllm.export import Artifact, encode_histories, encode_texts, render_text
 from hllm.files import atomic_write
-from hllm.index import ItemIndex, open_index, settings_of
+from hllm.serving.batcher import Batcher
+from hllm.serving.export import Artifact, encode_histories, encode_texts, render_text
+from hllm.serving.index import ItemIndex, open_index, settings_of
 
 Value = str | int | float
 MAX_LIST = 10_000  # the body limit (serve.max_body_bytes) bounds requests too; this names the field

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from hllm.creator.llm import Conversation
+from hllm.creator.data.llm import Conversation
 from hllm.errors import UserError
 
 TEMPLATES = Path(__file__).with_name("prompts")

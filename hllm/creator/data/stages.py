@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hllm.creator.llm import RETRY_TEMPERATURE, ChatModel, Conversation, LLMError
+from hllm.creator.data.llm import RETRY_TEMPERATURE, ChatModel, Conversation, LLMError
 from hllm.errors import UserError
 from hllm.files import atomic_write, write_json
 
