@@ -4,6 +4,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test install lint bench clean
 
@@ -20,10 +21,13 @@ install: $(BIN)/hllm
 demo: install
 	$(BIN)/hllm demo
 
+# The explorer page tests drive the OS chromium through Playwright (never `playwright install`).
 test: install
+	command -v chromium >/dev/null || $(SUDO) apt-get install -y chromium
 	$(BIN)/python -m pytest
 
-# The standard benchmark suite (resumable: rerun to continue); see BENCHMARKS.md.
+# The standard benchmark suite (resumable: rerun to continue): each model is configs/bench/NAME.yaml,
+# tuned on validation with its grid in configs/bench/grids/; see BENCHMARKS.md.
 BENCH_DATASETS ?= ml-100k,amazon-scientific,amazon-office
 BENCH_MODELS ?= popularity,sasrec-ce,hstu,hllm-minilm-frozen
 bench: install

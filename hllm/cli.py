@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hllm.config import dump_config, load_config
+from hllm.config import ItemConfig, ServeConfig, choices, dump_config, load_config
 from hllm.creator.commands import creator_app
 from hllm.data.dataset import prepare_dataset
 from hllm.errors import UserError
@@ -157,7 +157,8 @@ def evaluate_run(
 @app.command("recommend")
 def recommend(
     run_dir: Annotated[
-        Path | None, typer.Argument(help="A run folder written by hllm train (not with --server).")
+        Path | None,
+        typer.Argument(help="A run folder (not with --server); with --all-users/--users also an artifact."),
     ] = None,
     user: Annotated[str | None, typer.Option("--user", help="A user id of the dataset.")] = None,
     items: Annotated[
@@ -167,8 +168,30 @@ def recommend(
     server: Annotated[
         str | None, typer.Option("--server", help="Ask a running hllm serve, e.g. http://127.0.0.1:8000.")
     ] = None,
+    all_users: Annotated[
+        bool, typer.Option("--all-users", help="Every user of the dataset, to --out.")
+    ] = False,
+    users: Annotated[
+        Path | None, typer.Option("--users", help="A file of user ids, one a line, to --out.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder of Parquet shards (resumable).")] = None,
+    index: Annotated[
+        str | None, typer.Option("--index", help="Artifact index (default: serve.index).")
+    ] = None,
+    shard_users: Annotated[int, typer.Option("--shard-users", help="Users per Parquet shard.")] = 10_000,
 ) -> None:
-    """Top-k items for a user of the dataset or for a given history, with titles and scores."""
+    """Top-k items for a user of the dataset or for a given history, with titles and scores; or, with
+    --all-users/--users and --out, for many users in batch (one process per shard under torchrun)."""
+    if all_users or users is not None:
+        from hllm.serving.batch import recommend_all
+
+        if run_dir is None or out is None or all_users == (users is not None) or server or user or items:
+            raise UserError(
+                "batch: give RUN_OR_ARTIFACT --out DIR and one of --all-users or --users FILE", "recommend"
+            )
+        summary = recommend_all(run_dir, out, k=k, users_file=users, index=index, shard_users=shard_users)
+        typer.echo(json.dumps(summary))
+        return
     if server is not None:
         from hllm.serving.app import recommend_remote
 
@@ -215,6 +238,7 @@ def index(
     from hllm.serving.export import load_artifact
     from hllm.serving.index import index_artifact
 
+    kind = _choice(kind, "--kind", choices(ServeConfig, "index"))
     typer.echo(json.dumps(index_artifact(load_artifact(artifact, overrides), kind)))
 
 
@@ -240,12 +264,21 @@ def bench(
         str, typer.Option(help="Comma-separated names (ml-100k, amazon-scientific, ...) or paths.")
     ] = "ml-100k",
     models: Annotated[
-        str, typer.Option(help="Comma-separated model names (see hllm/bench/run.py MODELS).")
+        str, typer.Option(help="Comma-separated recipe names: configs/bench/NAME.yaml.")
     ] = "popularity,hllm-minilm-frozen",
     seeds: Annotated[int, typer.Option(help="Seeds per (dataset, model).")] = 3,
-    out: Annotated[Path, typer.Option(help="Folder for results.json, report.md, plots and runs.")] = Path(
-        "benchmarks"
-    ),
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="leave-one-out, new-items (data.cold_items=0.1) or temporal (data.split=temporal)."
+        ),
+    ] = "leave-one-out",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for results.json, report.md, plots and runs [benchmarks, or benchmarks/PROTOCOL]."
+        ),
+    ] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Smoke run: tiny models, 3 steps.")] = False,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Extra a.b=value for every run.")
@@ -255,9 +288,13 @@ def bench(
     if ctx.invoked_subcommand is not None:
         return
     from hllm.bench.report import write_report
-    from hllm.bench.run import run_bench
+    from hllm.bench.run import PROTOCOLS, run_bench
 
-    records = run_bench(datasets.split(","), models.split(","), seeds, out, quick=quick, extra=overrides)
+    _choice(protocol, "--protocol", tuple(PROTOCOLS))
+    out = out or (Path("benchmarks") if protocol == "leave-one-out" else Path("benchmarks") / protocol)
+    records = run_bench(
+        datasets.split(","), models.split(","), seeds, out, quick=quick, extra=overrides, protocol=protocol
+    )
     typer.echo(f"{len(records)} records in {out / 'results.json'}; report: {write_report(records, out)}")
 
 
@@ -275,19 +312,45 @@ def bench_serve(
     report: Annotated[Path, typer.Option(help="Markdown file whose Serving section is rewritten.")] = Path(
         "BENCHMARKS.md"
     ),
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(help="Compare servers: serve.* overrides of one, space-separated; repeat the option."),
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="Turns per level when comparing variants.")] = 1,
 ) -> None:
     """Load-test the real server on 127.0.0.1: latency percentiles and throughput per catalogue size."""
     from hllm.bench.serve import bench_serve as run
 
-    def numbers(text: str) -> list[int]:
-        if not all(part.strip().isdigit() for part in text.split(",")):
-            raise UserError(f"expected whole numbers like 1,8,16, got {text!r}", where="bench serve")
-        return [int(part) for part in text.split(",")]
-
     command = " ".join(["hllm", *sys.argv[1:]])
-    kwargs = dict(kinds=kinds.split(","), clients=numbers(clients), seconds=seconds, report=report)
-    records = run(artifact, out, sizes=numbers(sizes), **kwargs, overrides=overrides or [], command=command)
+    kwargs = dict(
+        kinds=list(_names(kinds, "--kinds", allowed=choices(ServeConfig, "index"))),
+        clients=list(_numbers(clients, "--clients")),
+        seconds=seconds,
+        report=report,
+        variants=[v.split() for v in variant or [""]],
+        rounds=rounds,
+    )
+    sizes_list = list(_numbers(sizes, "--sizes"))
+    records = run(artifact, out, sizes=sizes_list, **kwargs, overrides=overrides or [], command=command)
     typer.echo(f"{len(records)} measurements in {out / 'serve.json'}; table in {report}")
+
+
+@bench_app.command("replay")
+def bench_replay(
+    run: Annotated[Path, typer.Argument(help="A run folder trained with data.cold_items > 0.")],
+    out: Annotated[Path, typer.Option(help="New folder: artifact, served copies, replay.json.")] = Path(
+        "benchmarks/new-items/replay"
+    ),
+    kinds: Annotated[str, typer.Option(help="Index kinds: exact, hnsw, ivf.")] = "exact,hnsw",
+) -> None:
+    """Online equals offline: serve RUN without its new items, add them via POST /items, replay the
+    test users via POST /recommend, compare with the offline metrics."""
+    from hllm.bench.replay import replay_run
+
+    names = _names(kinds, "--kinds", allowed=choices(ServeConfig, "index"))
+    result = replay_run(run, out, indexes=names)
+    diffs = ", ".join(f"{kind} {result[kind]['max_abs_diff']:.2e}" for kind in names)
+    typer.echo(f"max |served - offline| over recall/ndcg: {diffs}; details in {out / 'replay.json'}")
 
 
 @bench_app.command("speed")
@@ -314,26 +377,14 @@ def bench_speed(
     quick: Annotated[bool, typer.Option("--quick", help="Smoke run on tiny random models.")] = False,
 ) -> None:
     """Item encoding (packed vs padded), training step (per mode, MFU) and evaluation throughput."""
-    from hllm.bench.speed import SpeedSettings, quick_settings, run_speed
+    from hllm.bench.speed import DTYPES, SpeedSettings, quick_settings, run_speed
 
-    def names(text: str) -> tuple[str, ...]:
-        return tuple(part.strip() for part in text.split(",") if part.strip())
-
-    def numbers(text: str) -> tuple[int, ...]:
-        if not all(part.strip().isdigit() for part in text.split(",")):
-            raise UserError(f"expected whole numbers like 64,256,512, got {text!r}", where="--caps")
-        return tuple(int(part) for part in text.split(","))
-
-    if unknown := set(names(dtypes)) - {"fp32", "bf16"}:
-        raise UserError(f"unknown dtype {sorted(unknown)[0]!r}: use fp32 or bf16", where="--dtypes")
-    if unknown := set(names(modes)) - {"finetune", "lora", "frozen"}:
-        raise UserError(f"unknown mode {sorted(unknown)[0]!r}: use finetune, lora or frozen", where="--modes")
     settings = SpeedSettings(
         dataset=dataset,
-        backbones=names(backbones),
-        caps=numbers(caps),
-        dtypes=names(dtypes),
-        modes=names(modes),
+        backbones=_names(backbones, "--backbones"),
+        caps=_numbers(caps, "--caps"),
+        dtypes=_names(dtypes, "--dtypes", allowed=tuple(DTYPES)),
+        modes=_names(modes, "--modes", allowed=choices(ItemConfig, "mode")),
         seconds=seconds,
         train_steps=train_steps,
     )
@@ -352,6 +403,26 @@ def demo(overrides: Overrides = None) -> None:
     run_demo(overrides=overrides)
 
 
+def _choice(value: str, option: str, allowed: tuple[str, ...]) -> str:
+    """`value` when it is one of `allowed` (for config fields: the values their `Literal` lists)."""
+    if value not in allowed:
+        raise UserError(f"unknown value {value!r}: use {', '.join(allowed)}", where=option)
+    return value
+
+
+def _names(text: str, option: str, *, allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The comma-separated names of `option`; with `allowed`, each must be one of them."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    return names if allowed is None else tuple(_choice(name, option, allowed) for name in names)
+
+
+def _numbers(text: str, option: str) -> tuple[int, ...]:
+    """The comma-separated whole numbers of `option` (1,8,16)."""
+    if not all(part.strip().isdigit() for part in text.split(",")):
+        raise UserError(f"expected whole numbers like 1,8,16, got {text!r}", where=option)
+    return tuple(int(part) for part in text.split(","))
+
+
 def _metrics_table(result: dict[str, dict]) -> Table:
     """One row per metric, one column per split (narrow enough for any terminal)."""
     table = Table(title="full-ranking metrics (history masked)")
@@ -359,8 +430,11 @@ def _metrics_table(result: dict[str, dict]) -> Table:
     for split in result:
         table.add_column(split, justify="right")
     for name in next(iter(result.values())):
+        if "/" in name:  # a bucket's metric (new/recall@10): buckets differ across splits
+            continue
         values = [result[split][name] for split in result]
         table.add_row(name, *(f"{v:.4f}" if isinstance(v, float) else str(v) for v in values))
+    table.caption = "per-bucket metrics (new/, tail/, hist_1_3/, ...): --json"
     return table
 
 

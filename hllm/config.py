@@ -6,9 +6,10 @@ The orchestration layer (cli, train.fit, bench) sees `RunConfig`; constructors b
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field, fields, is_dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_type_hints
 
 import yaml
 from omegaconf import OmegaConf
@@ -17,6 +18,52 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from hllm.errors import UserError
 
 DEFAULT_PROMPT = "Compress the following sentence into embedding: "
+
+
+def _ruled(default: Any, test: Callable[[Any], bool], rule: str) -> Any:
+    """A field whose value (each value, for a list) must pass `test`; None (unset) always passes.
+    `check_ranges` applies the rule and names the field's dotted key."""
+    metadata = {"rule": (test, rule)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def at_least(low: float, default: Any) -> Any:
+    return _ruled(default, lambda value: value >= low, f"at least {low}")
+
+
+def positive(default: Any) -> Any:
+    return at_least(1, default)
+
+
+def above_zero(default: Any) -> Any:
+    return _ruled(default, lambda value: value > 0, "above 0")
+
+
+def share(default: Any) -> Any:
+    return _ruled(default, lambda value: 0 <= value < 1, "in [0, 1)")
+
+
+def in_range(default: Any, low: float, high: float) -> Any:
+    return _ruled(default, lambda value: low <= value <= high, f"in [{low}, {high}]")
+
+
+def check_ranges(config: Any, prefix: str = "") -> None:
+    """Apply every field's rule (see `_ruled`) in `config` and its nested dataclasses."""
+    for spec in fields(config):
+        value, key = getattr(config, spec.name), f"{prefix}{spec.name}"
+        if is_dataclass(value):
+            check_ranges(value, f"{key}.")
+        elif "rule" in spec.metadata and value is not None:
+            test, rule = spec.metadata["rule"]
+            if not all(map(test, value if isinstance(value, list) else [value])):
+                raise UserError(f"must be {rule}, got {value}", where=key)
+
+
+def choices(config_class: type, name: str) -> tuple[str, ...]:
+    """The values a `Literal` field of `config_class` allows, for options that set that field."""
+    return get_args(get_type_hints(config_class)[name])
 
 
 @dataclass
@@ -41,16 +88,26 @@ class DataConfig:
     """Text put before the item's fields."""
     field_separator: str = "; "
     """Separator between `key: value` fields (the reference used none)."""
-    max_text_tokens: int = 64
+    max_text_tokens: int = positive(64)
     """Item text is truncated to this many tokens (head kept)."""
     duplicates: Literal["keep", "first", "last"] = "keep"
     """Repeated (user, item) pairs: keep all, keep the first, or keep the last occurrence."""
-    kcore: int = 0
+    kcore: int = at_least(0, 0)
     """Iterative k-core: drop users and items with fewer than k interactions until stable (0 = off)."""
-    max_history: int = 50
+    max_history: int = positive(50)
     """Most recent items a model reads as history (training windows and evaluation)."""
     missing_text: Literal["drop", "error", "keep"] = "drop"
     """Interactions whose item has no row in the item table: drop and count, fail, or keep with no text."""
+    split: Literal["leave-one-out", "temporal"] = "leave-one-out"
+    """leave-one-out: each user's last two items are validation and test; temporal: a global time cut
+    (data.temporal_cut), train before it, validation and test on each user's first two after it."""
+    temporal_cut: float = share(0.9)
+    """split=temporal: the cut is this quantile of all interaction times."""
+    cold_items: float = share(0.0)
+    """New-item protocol: this fraction of the catalogue is never trained on (0 = off)."""
+    cold_seed: int = 0
+    """Seed of the draw of new items (data.cold_items), apart from train.seed so that training seeds
+    share one set of new items."""
     cache_dir: str = ".hllm_cache"
     """Where processed datasets are cached, keyed by input contents and these settings."""
 
@@ -65,17 +122,24 @@ class ItemConfig:
     """token: learned [ITEM] embedding appended after the text; cls/mean: encoder pooling."""
     mode: Literal["finetune", "lora", "frozen"] = "finetune"
     """finetune end to end, LoRA adapters only, or frozen (embeddings computed once)."""
-    lora_rank: int = 8
+    lora_rank: int = positive(8)
     """LoRA rank (mode=lora)."""
-    lora_alpha: int = 16
+    lora_alpha: int = positive(16)
     """LoRA alpha (mode=lora)."""
-    train_layers: int = 0
+    train_layers: int = at_least(0, 0)
     """mode=finetune: train only the top this many transformer layers (0, or the depth: all). The
     token states of the frozen layers below are computed once, so a step runs only the top layers."""
-    dropout: float | None = 0.0
+    dropout: float | None = share(0.0)
     """Dropout of the Item LLM while it trains (hidden and attention); None keeps the checkpoint's.
     0 as in the paper's LLaMA-family Item LLMs: MiniLM's 0.1 costs a fifth of a fine-tuning step on
     CPU (sampling masks, and attention dropout forces the unfused attention path)."""
+    id_embedding: bool = False
+    """Text+ID items: add a learned ID row (zero at the start, in the User LLM's width, no weight
+    decay) to each trained item's text embedding; items without a trained row (new, or added to a
+    served catalogue) keep their text alone."""
+    id_dropout: float = share(0.5)
+    """With id_embedding: while training, each item occurrence drops its ID row with this
+    probability, so the text path alone stays a good model."""
 
 
 @dataclass
@@ -84,24 +148,22 @@ class UserConfig:
     """User LLM: a decoder preset, local path or hub id; reads item embeddings as inputs_embeds."""
     pretrained: bool = False
     """Load pretrained weights (presets without weights are always random)."""
-    padding: Literal["left", "right"] = "left"
-    """Side the user histories are padded on."""
-    dropout: float = 0.0
+    dropout: float = share(0.0)
     """Dropout on the item embeddings the User LLM reads and on its attention weights, as SASRec
     regularises sparse data (0 = none, as the reference)."""
 
 
 @dataclass
 class IdModelConfig:
-    hidden_size: int = 64
+    hidden_size: int = positive(64)
     """Width of the item-id embeddings and of every block."""
-    layers: int = 2
+    layers: int = positive(2)
     """Attention blocks."""
-    heads: int = 1
+    heads: int = positive(1)
     """Attention heads (hidden_size must divide by it)."""
-    dropout: float | None = None
+    dropout: float | None = share(None)
     """Embedding and residual dropout; unset: 0.2 on dense data (mean history >= 20), else 0.5."""
-    attention_dropout: float | None = None
+    attention_dropout: float | None = share(None)
     """Dropout on the attention weights; unset: the same as dropout."""
     loss: Literal["auto", "bce", "sampled", "full"] = "auto"
     """bce: one sampled negative per position (original SASRec); sampled: softmax over the shared
@@ -112,8 +174,10 @@ class IdModelConfig:
 
 @dataclass
 class ModelConfig:
-    kind: Literal["hllm", "popularity", "sasrec", "hstu"] = "hllm"
-    """Which model to train."""
+    kind: Literal["hllm", "hllm-id", "popularity", "sasrec", "hstu", "text-knn"] = "hllm"
+    """Which model to train. hllm-id: HLLM's User LLM and recipe over a learned item-ID table (in
+    the User LLM's width) instead of the Item LLM, a diagnostic that ignores model.item. text-knn:
+    untrained, cosine between model.item's pooled text embeddings and the user's last items."""
     item: ItemConfig = field(default_factory=ItemConfig)
     user: UserConfig = field(default_factory=UserConfig)
     id: IdModelConfig = field(default_factory=IdModelConfig)
@@ -121,7 +185,7 @@ class ModelConfig:
     adaptor: Literal["auto", "none", "linear", "mlp"] = "auto"
     """Item LLM -> User LLM map; auto: a residual MLP when the item side is frozen, else a linear
     map when the widths differ, else none."""
-    temperature: float = 0.07
+    temperature: float = in_range(0.07, 0.01, 1.0)
     """Initial InfoNCE temperature (learnable; its inverse is clamped to [1, 100])."""
     nce_threshold: float = 0.99
     """Negatives whose cosine with the target exceeds this are treated as false negatives."""
@@ -129,30 +193,34 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 5
+    epochs: int = positive(5)
     """Passes over the training windows."""
-    max_steps: int = -1
+    max_steps: int = at_least(-1, -1)
     """Stop after this many optimizer steps (-1 = no limit)."""
-    batch_size: int = 16
+    batch_size: int = positive(16)
     """Sequences per step and process."""
-    accumulate: int = 1
+    accumulate: int = positive(1)
     """Gradient accumulation steps per optimizer step."""
-    lr: float = 1e-4
+    lr: float = above_zero(1e-4)
     """Peak learning rate (AdamW)."""
-    item_lr: float | None = None
+    item_lr: float | None = above_zero(None)
     """Peak learning rate of the Item LLM's trained weights (unset: train.lr)."""
-    weight_decay: float = 0.01
+    weight_decay: float = at_least(0, 0.01)
     """AdamW weight decay, never applied to norms, biases, embeddings or the temperature."""
-    warmup: float = 0.1
+    warmup: float = in_range(0.1, 0.0, 1.0)
     """Fraction of steps with a linear warm-up before the cosine decay."""
-    grad_clip: float = 1.0
+    grad_clip: float = at_least(0, 1.0)
     """Gradient-norm clipping (0 = off)."""
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
     """Fabric precision."""
-    num_negatives: int = 512
+    num_negatives: int = at_least(0, 512)
     """Size of the negative bank shared by every position of a step (per process)."""
-    negatives: Literal["sampled", "catalogue"] = "sampled"
-    """sampled bank, or the whole catalogue (only when the item side is frozen)."""
+    negatives: Literal["sampled", "catalogue", "memory"] = "sampled"
+    """sampled bank; the whole catalogue (item side frozen, or hllm-id); or memory: the whole
+    catalogue from a memory of every item's output, refreshed every train.memory_refresh steps, with
+    the batch's own items fresh (model.item.train_layers > 0; sampled negatives add fresh rows)."""
+    memory_refresh: int = positive(50)
+    """negatives=memory: steps between recomputations of every item's output."""
     in_batch_negatives: bool = False
     """Add the batch's other items (already encoded, so free) to the sampled bank; with several
     processes they stay local to each process."""
@@ -162,37 +230,40 @@ class TrainConfig:
     """Recompute activations in backward to save memory."""
     seed: int = 2020
     """Seed for weights, sampling and shuffling."""
-    patience: int = 5
+    deterministic: bool = True
+    """Deterministic kernels, so one seed trains the same weights on one machine and thread count."""
+    patience: int = positive(5)
     """Early stopping: epochs without improvement of eval.metric before stopping."""
-    checkpoint_every: int = 0
+    checkpoint_every: int = at_least(0, 0)
     """Also checkpoint every this many optimizer steps (0 = only at the end of each epoch)."""
-    log_every: int = 10
+    log_every: int = positive(10)
     """Steps between CSV log rows."""
-    num_workers: int = 0
+    num_workers: int = at_least(0, 0)
     """Processes building training batches ahead of the model (0 = in the training process);
     the time the model waits for batches is logged as train/data_wait."""
     accelerator: str = "auto"
     """Fabric accelerator (auto, cpu, cuda, ...)."""
-    devices: int = 1
+    devices: int = positive(1)
     """Processes (GPUs) per node."""
-    num_nodes: int = 1
+    num_nodes: int = positive(1)
     """Machines (torchrun --nnodes, or SLURM nodes)."""
     strategy: str = "auto"
     """Fabric strategy: auto, ddp, ddp_spawn, fsdp (GPU), deepspeed (`pip install deepspeed`).
     With several processes, negatives are all-gathered (with gradient) into one shared bank."""
-    tensorboard: bool = False
-    """Also write TensorBoard logs."""
+    logger: Literal["csv", "tensorboard"] = "csv"
+    """Where training metrics go: `logs/metrics.csv`, or TensorBoard event files in `tensorboard/`
+    (`pip install tensorboard`; view with `tensorboard --logdir runs/NAME/tensorboard`)."""
 
 
 @dataclass
 class EvalConfig:
-    ks: list[int] = field(default_factory=lambda: [5, 10, 50, 200])
+    ks: list[int] = positive([5, 10, 50, 200])
     """Cut-offs for Recall@k and NDCG@k."""
     metric: str = "ndcg@200"
     """Validation metric that selects the checkpoint and drives early stopping."""
-    batch_size: int = 256
+    batch_size: int = positive(256)
     """Users scored per chunk."""
-    item_batch_size: int = 256
+    item_batch_size: int = positive(256)
     """Items encoded per chunk when building the item-embedding table."""
 
 
@@ -200,73 +271,86 @@ class EvalConfig:
 class ServeConfig:
     index: Literal["exact", "hnsw", "ivf"] = "exact"
     """Nearest-item search: exact inner product, or approximate HNSW / IVF for large catalogues."""
-    hnsw_m: int = 32
+    hnsw_m: int = positive(32)
     """HNSW links per node (more: better recall, more memory, slower build)."""
-    hnsw_ef_construction: int = 128
+    hnsw_ef_construction: int = positive(128)
     """HNSW search width while building."""
-    hnsw_ef_search: int = 512
+    hnsw_ef_search: int = positive(512)
     """HNSW search width per query (more: better recall, slower; set per query, no rebuild)."""
-    ivf_lists: int = 0
+    ivf_lists: int = at_least(0, 0)
     """IVF clusters; 0 = sqrt(items), capped at 65536."""
-    ivf_probes: int = 32
+    ivf_probes: int = positive(32)
     """IVF clusters visited per query (more: better recall, slower; set per query, no rebuild)."""
     host: str = "127.0.0.1"
     """Address `hllm serve` listens on."""
-    port: int = 8000
+    port: int = in_range(8000, 1, 65535)
     """Port `hllm serve` listens on."""
-    max_k: int = 1000
+    max_k: int = positive(1000)
     """Largest k a request may ask for."""
-    max_body_bytes: int = 1_000_000
+    max_body_bytes: int = positive(1_000_000)
     """Larger request bodies are refused with 413."""
-    torch_threads: int = 0
+    torch_threads: int = at_least(0, 0)
     """Torch threads of the server's model passes (0 = torch's default, one per core)."""
-    max_batch: int = 64
+    max_batch: int = positive(64)
     """Most waiting /recommend requests answered by one User LLM pass and one index search."""
-    precision: Literal["fp32", "bf16"] = "fp32"
+    write_key_env: str = "HLLM_WRITE_KEY"
+    """Environment variable holding the key that write routes (POST /items) require as
+    `Authorization: Bearer KEY`; while it is unset or empty, writes are open and `hllm serve` listens
+    on loopback only."""
+    precision: Literal["fp32", "bf16", "int8"] = "fp32"
     """The User LLM pass of /recommend: bf16 autocast is ~1.4x faster on CPUs with AVX512-BF16 or AMX
-    (cosine to fp32 > 0.99999), slower on CPUs without; item embeddings stay fp32."""
+    (cosine to fp32 > 0.99999), slower on CPUs without; int8 = dynamic int8 weights of its linear
+    layers (see BENCHMARKS.md for speed and overlap@10); item embeddings stay fp32."""
+    history_window: int = at_least(0, 0)
+    """Most recent history items the User LLM reads per request (0 = data.max_history, as trained);
+    its cost is linear in this."""
 
 
 @dataclass
 class LLMConfig:
-    backend: Literal["local", "openai"] = "local"
-    """local: transformers generation in this process; openai: any OpenAI-compatible HTTP endpoint."""
+    backend: Literal["local", "openai", "grounded"] = "local"
+    """local: transformers generation in this process; openai: any OpenAI-compatible HTTP endpoint;
+    grounded (teacher only): no LLM, titles assembled from the item's own text."""
     model: str = "smollm2-135m"
     """local: a preset, folder, .gguf file or hub id; openai: the model name the endpoint serves."""
     base_url: str | None = None
     """openai: endpoint such as http://127.0.0.1:8001/v1 (default: $OPENAI_BASE_URL)."""
     api_key_env: str = "OPENAI_API_KEY"
     """openai: environment variable holding the key (a local server accepts any)."""
-    concurrency: int = 8
+    concurrency: int = positive(8)
     """openai: requests in flight at once."""
-    timeout_s: float = 120.0
+    timeout_s: float = above_zero(120.0)
     """openai: seconds before one request is abandoned (and retried)."""
-    max_retries: int = 4
+    max_retries: int = at_least(0, 4)
     """openai: retries, with exponential back-off, of timeouts, 429 and 5xx answers."""
-    batch_size: int = 8
+    batch_size: int = positive(8)
     """local: conversations generated together."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = positive(64)
     """Longest answer, in tokens."""
-    temperature: float = 0.0
+    temperature: float = at_least(0, 0.0)
     """0 = greedy; a malformed answer's second try samples at 0.7."""
-    attempts: int = 2
+    attempts: int = positive(2)
     """Tries per row before a malformed answer is recorded as a failure."""
 
 
 @dataclass
 class CreatorDataConfig:
-    history_items: int = 10
+    history_items: int = positive(10)
     """Most recent history items shown to the teacher."""
-    fact_chars: int = 400
+    fact_chars: int = positive(400)
     """The item's selling points (every text field but the title) are cut to this many characters."""
-    limit: int = 0
+    limit: int = at_least(0, 0)
     """Users to build rows for, drawn at random with `seed` (0 = every user)."""
     seed: int = 0
     """Seed of the user sample."""
-    chunk_rows: int = 32
+    chunk_rows: int = positive(32)
     """Rows per written part: what a crash can lose at most."""
     verify: bool = False
     """Also ask the teacher whether each kept title states anything its item's text does not."""
+    encoder: str = "minilm"
+    """Grounded teacher: the frozen encoder (mean-pooled) that matches item phrases to a user's history."""
+    polish: Literal["none", "local", "openai"] = "none"
+    """Grounded teacher: an LLM backend (with the teacher's model settings) that rewords each title."""
 
 
 @dataclass
@@ -277,43 +361,43 @@ class CreativeModelConfig:
     """Creative LLM: any causal LM (preset, folder, .gguf file or hub id); tests use tiny-llama."""
     mode: Literal["full", "lora"] = "lora"
     """Fine-tune the creative LLM fully or through LoRA adapters."""
-    lora_rank: int = 8
+    lora_rank: int = positive(8)
     """LoRA rank (mode=lora)."""
-    lora_alpha: int = 16
+    lora_alpha: int = positive(16)
     """LoRA alpha (mode=lora)."""
     user_embedding: Literal["last", "query"] = "last"
     """last: the User LLM's output at the user's last item; query: at a learned token appended after it."""
     train_hllm: bool = False
     """Train the HLLM side (User LLM, adaptor) jointly; by default it stays frozen."""
-    max_fact_tokens: int = 96
+    max_fact_tokens: int = positive(96)
     """The item's selling points are cut to this many tokens in the prompt."""
-    max_title_tokens: int = 48
+    max_title_tokens: int = positive(48)
     """Original and target titles are cut to this many tokens."""
-    max_profile_tokens: int = 48
+    max_profile_tokens: int = positive(48)
     """The interest profile (recon and align targets) is cut to this many tokens."""
 
 
 @dataclass
 class CreativeLossConfig:
-    creative: float = 1.0
+    creative: float = at_least(0, 1.0)
     """Weight of the causal LM loss on the target title (0 = off)."""
-    recon: float = 0.5
+    recon: float = at_least(0, 0.5)
     """Weight of reconstructing the interest profile from the projected user embedding (0 = off)."""
-    align: float = 0.1
+    align: float = at_least(0, 0.1)
     """Weight of the symmetric InfoNCE between user embedding and profile encoding (0 = off)."""
-    cls: float = 0.5
+    cls: float = at_least(0, 0.5)
     """Weight of the user-item matching BCE that scores (cluster, item) pairs at inference (0 = off)."""
-    align_temperature: float = 0.05
+    align_temperature: float = in_range(0.05, 0.01, 1.0)
     """Initial align temperature (learnable; its inverse is clamped to [1, 100])."""
     nce_threshold: float = 0.99
     """Align: a negative whose cosine with the positive exceeds this is a duplicate, masked."""
     cls_head: Literal["linear", "mixer"] = "mixer"
     """Matching head over [user, item]: an MLP on the concatenation, or an MLP-Mixer on the 2 tokens."""
-    cls_dim: int = 256
+    cls_dim: int = positive(256)
     """Width of the user and item towers."""
-    cls_blocks: int = 2
+    cls_blocks: int = positive(2)
     """MLP-Mixer blocks (cls_head=mixer)."""
-    cls_catalogue_negatives: int = 8
+    cls_catalogue_negatives: int = at_least(0, 8)
     """Random catalogue items per row, besides the other rows' items, as cls negatives."""
 
 
@@ -321,7 +405,7 @@ class CreativeLossConfig:
 class CreativeTrainConfig:
     rows: str = ""
     """rows.parquet of `hllm creator build-data` (or its folder); only kept rows are trained on."""
-    holdout: float = 0.2
+    holdout: float = share(0.2)
     """Share of users held out (all their rows) for validation and `hllm creator evaluate`."""
     seed: int = 0
     """Seed of the held-out user draw."""
@@ -329,40 +413,46 @@ class CreativeTrainConfig:
 
 @dataclass
 class CreativeInferConfig:
-    clusters: int = 256
+    clusters: int = positive(256)
     """k of the user k-means."""
-    kmeans_iterations: int = 40
+    kmeans_iterations: int = positive(40)
     """k-means iterations per restart."""
-    kmeans_restarts: int = 2
+    kmeans_restarts: int = positive(2)
     """k-means restarts; the lowest objective wins."""
-    top_n: int = 8
+    top_n: int = positive(8)
     """Clusters kept per item, by matching score."""
-    threshold: float = 0.5
+    threshold: float = in_range(0.5, 0.0, 1.0)
     """Matching probability a (cluster, item) pair needs to get a title."""
     items: list[str] = field(default_factory=list)
     """Item ids to write titles for; empty = the whole catalogue."""
-    shard_users: int = 4096
+    shard_users: int = positive(4096)
     """Users per embedding shard: what a crash can lose at most."""
-    batch_size: int = 64
+    batch_size: int = positive(64)
     """Users per User LLM pass."""
-    generate_batch: int = 8
+    generate_batch: int = positive(8)
     """Titles generated together."""
-    max_new_tokens: int = 40
+    max_new_tokens: int = positive(40)
     """Longest generated title, in tokens."""
-    temperature: float = 0.0
+    temperature: float = at_least(0, 0.0)
     """0 = greedy (one deterministic title per pair); `generate --n` samples at 0.8 when 0."""
-    devices: int = 1
+    devices: int = positive(1)
     """Processes for the embedding step (or launch with torchrun / fabric run)."""
 
 
 @dataclass
 class CreativeEvalConfig:
-    limit: int = 0
+    limit: int = at_least(0, 0)
     """Held-out rows to evaluate (0 = all)."""
     gsb: bool = False
     """Also ask the judge LLM (creator.judge) for Good/Same/Bad against the original title."""
     seed: int = 0
     """Seed of the random-user ablation and of the other users the lift is measured against."""
+    judge_encoder: str = "other"
+    """A second judge the Creator never trained against: this frozen encoder (mean-pooled) scores a
+    title against the user's history titles. other: smollm2-135m when the HLLM run reads minilm,
+    else minilm; none: off."""
+    bootstrap: int = positive(1000)
+    """Resamples of the rows for the 95% interval of the personalisation lift."""
 
 
 @dataclass
@@ -396,55 +486,60 @@ class RunConfig:
     creator: CreatorConfig = field(default_factory=CreatorConfig)
 
     def __post_init__(self) -> None:
+        """Each field's range (declared with it), then the rules that span several fields."""
+        check_ranges(self)
         item = self.model.item
         if item.train_layers and item.mode != "finetune":
             raise UserError("top-layer training needs model.item.mode=finetune", "model.item.train_layers")
-        if self.train.negatives == "catalogue" and item.mode != "frozen":
+        if self.train.negatives == "catalogue" and item.mode != "frozen" and self.model.kind != "hllm-id":
             raise UserError(
-                "the whole catalogue can be the negative bank only when model.item.mode=frozen",
+                "the whole catalogue can be the negative bank only when model.item.mode=frozen "
+                "(or train.negatives=memory with model.item.train_layers > 0)",
+                where="train.negatives",
+            )
+        if self.train.negatives == "memory" and not (item.train_layers and self.model.kind == "hllm"):
+            raise UserError(
+                "a memory of item outputs needs model.kind=hllm and model.item.train_layers > 0",
                 where="train.negatives",
             )
         if self.eval.metric.split("@")[0] not in ("recall", "ndcg", "mrr"):
             raise UserError(
                 f"unknown metric {self.eval.metric!r}; use recall@k, ndcg@k or mrr", "eval.metric"
             )
-        for key, share in (
-            ("creator.train.holdout", self.creator.train.holdout),
-            ("model.user.dropout", self.model.user.dropout),
-        ):
-            if not 0.0 <= share < 1.0:
-                raise UserError(f"must be in [0, 1), got {share}", key)
-        for key, value in (
-            ("train.batch_size", self.train.batch_size),
-            ("train.accumulate", self.train.accumulate),
-            ("data.max_history", self.data.max_history),
-            ("data.max_text_tokens", self.data.max_text_tokens),
-            ("serve.hnsw_m", self.serve.hnsw_m),
-            ("serve.hnsw_ef_construction", self.serve.hnsw_ef_construction),
-            ("serve.hnsw_ef_search", self.serve.hnsw_ef_search),
-            ("serve.ivf_probes", self.serve.ivf_probes),
-            ("serve.port", self.serve.port),
-            ("serve.max_k", self.serve.max_k),
-            ("serve.max_body_bytes", self.serve.max_body_bytes),
-            ("serve.max_batch", self.serve.max_batch),
-            ("creator.data.chunk_rows", self.creator.data.chunk_rows),
-            ("creator.teacher.concurrency", self.creator.teacher.concurrency),
-            ("creator.teacher.batch_size", self.creator.teacher.batch_size),
-            ("creator.teacher.attempts", self.creator.teacher.attempts),
-            ("creator.judge.concurrency", self.creator.judge.concurrency),
-            ("creator.judge.attempts", self.creator.judge.attempts),
-            ("creator.infer.clusters", self.creator.infer.clusters),
-            ("creator.infer.top_n", self.creator.infer.top_n),
-            ("creator.infer.shard_users", self.creator.infer.shard_users),
-            ("creator.infer.batch_size", self.creator.infer.batch_size),
-            ("creator.infer.generate_batch", self.creator.infer.generate_batch),
-            ("creator.infer.max_new_tokens", self.creator.infer.max_new_tokens),
-            ("creator.infer.devices", self.creator.infer.devices),
-            ("creator.loss.cls_dim", self.creator.loss.cls_dim),
-            ("creator.loss.cls_blocks", self.creator.loss.cls_blocks),
-        ):
-            if value < 1:
-                raise UserError(f"must be at least 1, got {value}", where=key)
+
+
+def absolute_paths(config: RunConfig) -> RunConfig:
+    """A copy whose input paths (the data, its cache, a Creator's HLLM run and rows) are absolute,
+    as a run folder's config.yaml keeps them, so the run works from any directory."""
+
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).expanduser().resolve()) if path else path  # "" and None: unset
+
+    data, creator = config.data, config.creator
+    return replace(
+        config,
+        data=replace(
+            data,
+            path=absolute(data.path),
+            item_path=absolute(data.item_path),
+            cache_dir=absolute(data.cache_dir),
+        ),
+        creator=replace(
+            creator,
+            model=replace(creator.model, hllm_run=absolute(creator.model.hllm_run)),
+            train=replace(creator.train, rows=absolute(creator.train.rows)),
+        ),
+    )
+
+
+def check_data_moved(config: RunConfig, config_file: Path) -> None:
+    """A trained run's data must still be where its config.yaml says; if not, say what to fix."""
+    for key, path in (("data.path", config.data.path), ("data.item_path", config.data.item_path)):
+        if path and not Path(path).exists():
+            message = (
+                f"the run's {key} {path} no longer exists; set {key} in this file to where the data is now"
+            )
+            raise UserError(message, where=str(config_file))
 
 
 def _valid_keys(cls: type, prefix: str = "") -> list[str]:

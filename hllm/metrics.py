@@ -69,6 +69,21 @@ def summarize(ranks_all: Tensor, ks: Sequence[int]) -> dict[str, float]:
     return summary
 
 
+def summarize_buckets(ranks: Tensor, buckets: dict[str, Tensor], ks: Sequence[int]) -> dict[str, float]:
+    """`summarize` within each bucket, as flat `bucket/metric` keys (`new/recall@10`, `new/users`).
+
+    Args:
+        ranks: (B,) 1-based target ranks.
+        buckets: name -> (B,) bool membership; an empty bucket reports only `name/users` = 0.
+    """
+    out: dict[str, float] = {}
+    for name, members in buckets.items():
+        chosen = ranks[members]
+        summary = summarize(chosen, ks) if chosen.numel() else {"users": 0}
+        out |= {f"{name}/{key}": value for key, value in summary.items()}
+    return out
+
+
 def mask_history(scores: Tensor, history: Tensor, targets: Tensor, *, pad_id: int = 0) -> Tensor:
     """In place, set the scores of PAD and of every history item to -inf, except the target.
 

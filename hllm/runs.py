@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hllm.config import RunConfig, config_to_dict, load_config
+from hllm.config import RunConfig, check_data_moved, config_to_dict, load_config
 from hllm.data.dataset import SequenceData, prepare_dataset
 from hllm.data.text import ItemTokens
 from hllm.errors import UserError
@@ -52,20 +52,32 @@ def read_checkpoint(path: Path) -> dict:
         ) from None
 
 
-def load_run(folder: str | Path, *, checkpoint: str = "best") -> Run:
-    """Rebuild a trained run's model from its folder and load the chosen checkpoint's weights."""
-    folder = Path(folder)
+def run_config(folder: Path) -> RunConfig:
+    """The config a run folder (a recommender's or a Creator's) was trained with."""
     if not (folder / "config.yaml").is_file():
         raise UserError("not a run folder (no config.yaml)", where=str(folder))
-    config = load_config(folder / "config.yaml")
+    return load_config(folder / "config.yaml")
+
+
+def model_weights(folder: Path, checkpoint: str) -> dict[str, torch.Tensor]:
+    """The model weights of a run folder's checkpoint `checkpoint` (last, best)."""
+    path = checkpoint_path(folder, checkpoint)
+    weights = read_checkpoint(path).get("model")
+    if weights is None:
+        raise UserError("checkpoint has no model weights", where=str(path))
+    return weights
+
+
+def load_run(folder: str | Path, *, checkpoint: str = "best") -> Run:
+    """Rebuild a trained run's model from its folder and load the chosen checkpoint's weights
+    (`hllm.creator.model.training.load_creator` does the same for a Creator run)."""
+    folder = Path(folder)
+    config = run_config(folder)
+    check_data_moved(config, folder / "config.yaml")
     data = prepare_dataset(config.data)
-    model, tokens = build_model(config, data)
+    model, item_tokens = build_model(config, data)
     if config.model.kind != "popularity":
-        path = checkpoint_path(folder, checkpoint)
-        state = read_checkpoint(path)
-        if "model" not in state:
-            raise UserError("checkpoint has no model weights", where=str(path))
-        model.load_state_dict(state["model"])
-        cache_frozen_items(model, tokens, batch_size=config.eval.item_batch_size, device="cpu")
+        model.load_state_dict(model_weights(folder, checkpoint))
+        cache_frozen_items(model, item_tokens, batch_size=config.eval.item_batch_size, device="cpu")
     model.eval()
-    return Run(folder, config, data, model, tokens)
+    return Run(folder, config, data, model, item_tokens)

@@ -1,50 +1,73 @@
-"""One Fabric training loop for every model exposing `training_loss(batch) -> Tensor`:
-AdamW + cosine warm-up, clipping, accumulation, atomic checkpoints, exact resume, early stopping.
+"""The one training setup for every model (HLLM, SASRec, HSTU, CreativeLLM): Fabric, data and model
+built under rank_zero_first, AdamW + cosine warm-up, clipping, accumulation, atomic checkpoints,
+exact resume, validation with early stopping, teardown. A kind of run brings only its `Job`: `fit`
+here for the recommenders, `fit_creator` in creator/model/training.py.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import lightning as L
 import torch
-from lightning.fabric.loggers import CSVLogger
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.torch_version import TorchVersion
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from hllm.config import RunConfig, config_to_dict, dump_config
+from hllm.config import RunConfig, absolute_paths, config_to_dict, dump_config
 from hllm.data.batches import TrainBatches
 from hllm.data.dataset import prepare_dataset
+from hllm.epoch import Batches, GuardRails, TrainState, reached_max_steps, train_epoch
 from hllm.errors import UserError
 from hllm.evaluate import evaluate_split, protocol_card
 from hllm.files import write_json, write_text
 from hllm.models.build import build_model, cache_frozen_items
 from hllm.runs import checkpoint_path, config_hash, read_checkpoint, run_folder
+from hllm.training_log import make_logger
 
 NO_DECAY = ("bias", "norm", "embed", "item_token", "logit_scale")
 ITEM_LLM = "item_encoder."  # parameter-name prefix of the Item LLM
-COLLAPSE_COSINE = 0.95
-LOSS_WINDOW = 20  # steps averaged by the stalled-loss guard
+Gather = Callable[[Tensor], Tensor]
+
+
+class Trainable(Protocol):
+    """What the loop asks of a model: a loss per batch and the scalars it wants logged beside it.
+
+    `share_negatives` hands the model the all-gathers that build one negative bank over every
+    process (embeddings with their gradient, then their ids); until called, a model keeps the
+    identity, so its losses never import Fabric. A model whose negatives stay per process ignores it.
+    """
+
+    last_stats: dict[str, float]
+
+    def training_loss(self, batch: Any) -> Tensor: ...
+
+    def share_negatives(self, gather: Gather, gather_ids: Gather) -> None: ...
 
 
 @dataclass
-class TrainState:
-    """Where training stands; saved in every checkpoint so `--resume` continues exactly."""
+class Job:
+    """What one kind of run brings to `run_training`, built by its `prepare(fabric)`.
 
-    epoch: int = 0  # epochs completed
-    batch: int = 0  # batches done in the current epoch
-    step: int = 0  # optimizer steps
-    best: float = -math.inf
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    valid_history: list[dict] = field(default_factory=list)
+    `validate(model)` returns the epoch's validation metrics, {} when there is nothing to validate
+    on; `metric` names the one that selects checkpoints and drives early stopping (see
+    `record_validation`). `finish(model, state, seconds)` returns what metrics.json holds.
+    """
+
+    model: nn.Module  # a Trainable
+    batches: Batches
+    files: dict[str, str]  # written into the run folder by rank 0 before training: config.yaml, ...
+    validate: Callable[[nn.Module], dict]
+    finish: Callable[[nn.Module, TrainState, float], dict]
+    metric: str
+    maximise: bool = True
+    ready: Callable[[nn.Module], None] = lambda model: None  # caches, once the model is on its device
 
 
 def param_groups(model: nn.Module, weight_decay: float, item_lr: float | None = None) -> list[dict]:
@@ -126,70 +149,70 @@ def save_checkpoint(fabric: L.Fabric, path: Path, state: dict) -> None:
     fabric.barrier()  # no rank reads the path before it is renamed
 
 
-def make_fabric(config: RunConfig, folder: Path) -> L.Fabric:
-    loggers = [CSVLogger(folder, name="logs", version="")]
-    if config.train.tensorboard:
-        from lightning.fabric.loggers import TensorBoardLogger
+def use_deterministic_kernels(enabled: bool) -> None:
+    """With `enabled`, one seed trains the same weights on one machine and thread count. Without,
+    torch's CPU threads accumulate the gradient of an indexed table (`table[index]`, whose backward
+    is index_put with accumulate) in whatever order they finish, and runs drift apart from the
+    first step. An op with no deterministic kernel warns (naming itself) rather than stopping a
+    run; cuBLAS needs a fixed workspace, read when its first handle is made."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
 
-        try:
-            loggers.append(TensorBoardLogger(folder, name="tensorboard", version=""))
-        except ModuleNotFoundError:
-            raise UserError(
-                "TensorBoard logs need `pip install tensorboard`", where="train.tensorboard"
-            ) from None
+
+def launch_fabric(where: str, **settings: Any) -> L.Fabric:
+    """`L.Fabric(**settings)`, launched; Fabric's own errors (a missing accelerator, an unknown
+    strategy) become one line naming the config keys `where`."""
     try:
-        fabric = L.Fabric(
-            accelerator=config.train.accelerator,
-            devices=config.train.devices,
-            num_nodes=config.train.num_nodes,
-            strategy=config.train.strategy,
-            precision=config.train.precision,
-            loggers=loggers,
-        )
+        fabric = L.Fabric(**settings)
     except (ValueError, ImportError, RuntimeError) as err:  # Fabric's own wording names the fix
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(first, where="train.accelerator/devices/num_nodes/strategy/precision") from None
+        raise UserError(first, where=where) from None
     fabric.launch()
     return fabric
 
 
-def fit(config: RunConfig, *, resume: bool = False) -> dict:
-    """Train, select on validation, test the best checkpoint once; return the metrics written."""
+def make_fabric(config: RunConfig, folder: Path) -> L.Fabric:
+    """The training run's Fabric, logging to `folder` as train.logger says; a resumed run (one with
+    a last.ckpt, see `last_checkpoint`) continues the log from that checkpoint's step."""
+    return launch_fabric(
+        "train.accelerator/devices/num_nodes/strategy/precision",
+        accelerator=config.train.accelerator,
+        devices=config.train.devices,
+        num_nodes=config.train.num_nodes,
+        strategy=config.train.strategy,
+        precision=config.train.precision,
+        loggers=[make_logger(config.train.logger, folder, checkpoint_path(folder, "last"))],
+    )
+
+
+def run_training(config: RunConfig, prepare: Callable[[L.Fabric], Job], *, resume: bool = False) -> dict:
+    """Train the model `prepare` builds, select on its validation, write metrics.json with what
+    the job's `finish` returns, and return that."""
     folder = run_folder(config)
     last = last_checkpoint(folder, resume=resume)
     fabric = make_fabric(config, folder)
     fabric.seed_everything(config.train.seed)
+    use_deterministic_kernels(config.train.deterministic)
     with fabric.rank_zero_first():  # rank 0 fills the data and weights caches; the others read them
-        data = prepare_dataset(config.data)
-        model, tokens = build_model(config, data)
+        job = prepare(fabric)
     if fabric.global_rank == 0:
-        write_text(folder / "config.yaml", dump_config(config))
-    share_negatives(model, fabric)
-    optimizer = make_optimizer(model, config)
-    batches = make_batches(config, data, model, tokens, rank=fabric.global_rank, world_size=fabric.world_size)
-    scheduler = training_schedule(optimizer, config, len(batches))
-    model, optimizer = fabric.setup(model, optimizer)
+        for name, text in job.files.items():
+            write_text(folder / name, text)
+    share_negatives(job.model, fabric)
+    optimizer = make_optimizer(job.model, config)
+    scheduler = training_schedule(optimizer, config, len(job.batches))
+    model, optimizer = fabric.setup(job.model, optimizer)
     # Route training_loss through the wrapper's forward so DDP/FSDP hooks (gradient sync) run.
     model.mark_forward_method("training_loss")
-    cache_frozen_items(model.module, tokens, batch_size=config.eval.item_batch_size, device=fabric.device)
+    job.ready(model.module)
     state = resume_state(fabric, last, model, optimizer, scheduler)
-
-    def validate() -> dict:
-        return evaluate_split(config, model.module, data, tokens, "valid", device=fabric.device)
-
     started = time.perf_counter()
-    run_epochs(
-        fabric,
-        model,
-        optimizer,
-        scheduler,
-        batches,
-        config=config,
-        state=state,
-        validate=validate,
-        record=lambda metrics: record_validation(fabric, config, state, metrics),
-    )
-    result = finish(fabric, config, folder, model, data, tokens, state, time.perf_counter() - started)
+    run_epochs(fabric, model, optimizer, scheduler, job, config=config, state=state)
+    result = job.finish(model.module, state, time.perf_counter() - started)
+    if fabric.global_rank == 0:
+        write_json(folder / "metrics.json", result)
+    fabric.logger.finalize("success")
     if fabric.world_size > 1:
         # Leave together: a rank exiting while gloo's threads still run aborts ("terminate called").
         fabric.barrier()
@@ -197,21 +220,22 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
     return result
 
 
+def share_negatives(model: Trainable, fabric: L.Fabric) -> None:
+    """With several processes, every rank scores its positions against the negatives of all ranks:
+    embeddings are all-gathered with their gradient, ids without."""
+    if fabric.world_size > 1:
+        model.share_negatives(
+            lambda x: fabric.all_gather(x, sync_grads=True).reshape(-1, x.shape[-1]),
+            lambda x: fabric.all_gather(x).reshape(-1),
+        )
+
+
 def run_epochs(
-    fabric: L.Fabric,
-    model,
-    optimizer,
-    scheduler,
-    batches,
-    *,
-    config: RunConfig,
-    state: TrainState,
-    validate: Callable[[], dict],
-    record: Callable[[dict], bool],
+    fabric: L.Fabric, model, optimizer, scheduler, job: Job, *, config: RunConfig, state: TrainState
 ) -> None:
     """Epochs from `state` until train.epochs, train.max_steps or early stopping (train.patience
-    epochs that `record` did not call improved); last.ckpt after each epoch, best.ckpt on gains.
-    A checkpoint holds what `resume_state` reloads, plus the config."""
+    epochs in a row that `record_validation` did not call improved); last.ckpt after each epoch,
+    best.ckpt on gains. A checkpoint holds what `resume_state` reloads, plus the config."""
     folder = run_folder(config)
     last, best = checkpoint_path(folder, "last"), checkpoint_path(folder, "best")
 
@@ -230,7 +254,8 @@ def run_epochs(
         )
 
     guard = GuardRails(fabric)
-    while state.epoch < config.train.epochs and not _done(config, state):
+    batches = job.batches
+    while state.epoch < config.train.epochs and not reached_max_steps(config, state):
         batches.set_epoch(state.epoch)
         train_epoch(
             fabric,
@@ -246,21 +271,100 @@ def run_epochs(
         if state.batch < len(batches):  # stopped by max_steps inside the epoch
             snapshot(last)
             break
-        metrics = validate()
+        metrics = job.validate(model.module)
         state.epoch, state.batch = state.epoch + 1, 0
-        improved = record(metrics)
+        improved = record_validation(fabric, state, metrics, job.metric, maximise=job.maximise)
         snapshot(last)
         if improved:
             snapshot(best)
         if state.bad_epochs >= config.train.patience:
-            fabric.print(f"early stopping: no gain in {config.eval.metric} for {state.bad_epochs} epochs")
+            fabric.print(f"early stopping: no gain in valid {job.metric} for {state.bad_epochs} epochs")
             break
     if not best.exists():  # no full epoch yet: the current weights are the best we have
         snapshot(best)
 
 
+def record_validation(
+    fabric: L.Fabric, state: TrainState, metrics: dict, metric: str, *, maximise: bool = True
+) -> bool:
+    """Log the epoch's validation metrics and update the early-stopping state; True if improved.
+
+    Improved means strictly better than the best so far: a tie is no gain, so the earlier (shorter
+    trained) checkpoint stays the best and the epoch counts towards train.patience. With `maximise`
+    False (a loss), lower is better. Without validation data (`metrics` is {}) there is nothing to
+    select on: the latest weights count as the best and early stopping never triggers.
+    """
+    state.valid_history.append({"epoch": state.epoch, **metrics})
+    if not metrics:
+        state.best_epoch, state.bad_epochs = state.epoch, 0
+        fabric.print(f"epoch {state.epoch}: nothing to validate on; keeping the latest weights")
+        return True
+    if metric not in metrics:
+        raise UserError(f"validation reports no {metric!r}, only {', '.join(metrics)}", where="eval.metric")
+    fabric.log_dict({f"valid/{k}": v for k, v in metrics.items()}, step=state.step)
+    score = metrics[metric] if maximise else -metrics[metric]
+    improved = score > state.best
+    if improved:
+        state.best, state.best_epoch, state.bad_epochs = score, state.epoch, 0
+    else:
+        state.bad_epochs += 1
+    fabric.print(
+        f"epoch {state.epoch}: valid {metric} = {metrics[metric]:.4f}{' (best)' if improved else ''}"
+    )
+    return improved
+
+
+def fit(config: RunConfig, *, resume: bool = False) -> dict:
+    """Train a recommender, select on validation, test the best checkpoint once; return the
+    metrics written."""
+    config = absolute_paths(config)  # config.yaml then works from any directory
+
+    def prepare(fabric: L.Fabric) -> Job:
+        data = prepare_dataset(config.data)
+        model, item_tokens = build_model(config, data)
+        batches = make_batches(
+            config, data, model, item_tokens, rank=fabric.global_rank, world_size=fabric.world_size
+        )
+
+        def finish(model: nn.Module, state: TrainState, seconds: float) -> dict:
+            """Reload the best checkpoint, score valid and test once."""
+            model.load_state_dict(read_checkpoint(checkpoint_path(run_folder(config), "best"))["model"])
+            result = {split: evaluate(model, split) for split in ("valid", "test")}
+            card = protocol_card(data, "test", model=config.model.kind, config_hash=config_hash(config))
+            return result | {"protocol": card, "train": train_summary(model, state, seconds)}
+
+        def evaluate(model: nn.Module, split: str) -> dict:
+            return evaluate_split(config, model, data, item_tokens, split, device=fabric.device)
+
+        return Job(
+            model,
+            batches,
+            files={"config.yaml": dump_config(config)},
+            validate=lambda model: evaluate(model, "valid"),
+            finish=finish,
+            metric=config.eval.metric,
+            ready=lambda model: cache_frozen_items(
+                model, item_tokens, batch_size=config.eval.item_batch_size, device=fabric.device
+            ),
+        )
+
+    return run_training(config, prepare, resume=resume)
+
+
+def train_summary(model: nn.Module, state: TrainState, seconds: float) -> dict:
+    return {
+        "seconds": round(seconds, 1),
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "steps": state.step,
+        "epochs": state.epoch,
+        "best_epoch": state.best_epoch,
+        "valid_history": state.valid_history,
+    }
+
+
 def make_batches(
-    config: RunConfig, data, model, tokens, *, rank: int = 0, world_size: int = 1
+    config: RunConfig, data, model, item_tokens, *, rank: int = 0, world_size: int = 1
 ) -> TrainBatches:
     """This process's share of the training batches, with text only when the model reads it."""
     return TrainBatches(
@@ -269,163 +373,8 @@ def make_batches(
         batch_size=config.train.batch_size,
         num_negatives=0 if config.train.negatives == "catalogue" else config.train.num_negatives,
         seed=config.train.seed,
-        item_tokens=tokens if model.needs_text else None,
-        slots=model.item_slots,
+        item_tokens=item_tokens if model.needs_text else None,
+        appended_tokens=model.appended_tokens,
         rank=rank,
         world_size=world_size,
     )
-
-
-def batch_loader(batches: TrainBatches, *, start: int, workers: int) -> DataLoader:
-    """Batches `start`.. of the epoch; with `workers`, built ahead in other processes so the model
-    never waits for them (each batch depends only on seed, epoch and number, so order and
-    content do not change with the worker count)."""
-    return DataLoader(
-        batches,
-        batch_size=None,  # items are whole batches already
-        sampler=range(start, len(batches)),
-        num_workers=workers,
-        prefetch_factor=2 if workers else None,
-    )
-
-
-def share_negatives(model: nn.Module, fabric: L.Fabric) -> None:
-    """With several processes, every rank scores its positions against the negatives of all ranks:
-    embeddings are all-gathered with their gradient, ids without."""
-    if fabric.world_size > 1:
-        model.gather = lambda x: fabric.all_gather(x, sync_grads=True).reshape(-1, x.shape[-1])
-        model.gather_ids = lambda x: fabric.all_gather(x).reshape(-1)
-
-
-def _done(config: RunConfig, state: TrainState) -> bool:
-    return 0 < config.train.max_steps <= state.step
-
-
-def train_epoch(fabric, model, optimizer, scheduler, batches, *, config, state, save_last, guard) -> None:
-    """Run the rest of the current epoch (from `state.batch`), one optimizer step per `accumulate`;
-    `save_last` writes last.ckpt every train.checkpoint_every steps."""
-    accumulate = config.train.accumulate
-    bar = tqdm(
-        range(state.batch, len(batches)),
-        desc=f"epoch {state.epoch + 1}",
-        disable=fabric.global_rank != 0,
-        dynamic_ncols=True,
-        leave=False,
-    )
-    window_start, window_items, waited = time.perf_counter(), 0, 0.0
-    model.train()
-    loader = iter(batch_loader(batches, start=state.batch, workers=config.train.num_workers))
-    for index in bar:
-        asked = time.perf_counter()
-        batch = next(loader).to(fabric.device)
-        waited += time.perf_counter() - asked
-        stepping = (index + 1) % accumulate == 0 or index + 1 == len(batches)
-        with fabric.no_backward_sync(model, enabled=not stepping):
-            loss = model.training_loss(batch)
-            if not torch.isfinite(loss):
-                raise UserError(
-                    f"loss is {loss.item()} at step {state.step}; lower train.lr or use precision 32-true",
-                    where=f"epoch {state.epoch + 1}",
-                )
-            fabric.backward(loss / accumulate)
-        window_items += int(batch.mask.sum())
-        state.batch = index + 1
-        if not stepping:
-            continue
-        if config.train.grad_clip > 0:
-            fabric.clip_gradients(model, optimizer, max_norm=config.train.grad_clip, error_if_nonfinite=False)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        stats = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], **model.module.last_stats}
-        guard.check(stats)
-        if state.step % config.train.log_every == 0:
-            seconds = max(time.perf_counter() - window_start, 1e-9)
-            stats["items_per_s"] = window_items / seconds
-            stats["data_wait"] = waited / seconds  # share of the time spent waiting for batches
-            fabric.log_dict({f"train/{k}": v for k, v in stats.items()}, step=state.step)
-            window_start, window_items, waited = time.perf_counter(), 0, 0.0
-            bar.set_postfix(
-                loss=f"{stats['loss']:.3f}",
-                lr=f"{stats['lr']:.1e}",
-                items_s=f"{stats['items_per_s']:.0f}",
-                acc=f"{stats.get('accuracy', 0):.2f}",
-            )
-        if config.train.checkpoint_every and state.step % config.train.checkpoint_every == 0:
-            save_last()
-        if _done(config, state):
-            break
-    bar.close()
-    guard.end_epoch()
-
-
-class GuardRails:
-    """Loud warnings the reference lacked: collapsed item embeddings and a loss that stopped moving."""
-
-    def __init__(self, fabric: L.Fabric) -> None:
-        self.fabric = fabric
-        self.losses: list[float] = []
-        self.warned_collapse = False
-
-    def check(self, stats: dict) -> None:
-        self.losses.append(stats["loss"])
-        cosine = stats.get("item_cosine", 0.0)
-        if cosine > COLLAPSE_COSINE and not self.warned_collapse:
-            self.warned_collapse = True
-            self.fabric.print(
-                f"WARNING: item embeddings are collapsing (mean pairwise cosine "
-                f"{cosine:.3f} > {COLLAPSE_COSINE}); lower train.lr or check the text"
-            )
-
-    def end_epoch(self) -> None:
-        """Warn when the loss of the last steps is no lower than at the start of the run: a
-        silent failure to learn (e.g. the loss stuck at log(1 + negatives))."""
-        if len(self.losses) >= 2 * LOSS_WINDOW:
-            start = sum(self.losses[:LOSS_WINDOW]) / LOSS_WINDOW
-            now = sum(self.losses[-LOSS_WINDOW:]) / LOSS_WINDOW
-            if now > 0.99 * start:
-                self.fabric.print(
-                    f"WARNING: the loss has not moved since the start ({start:.4f} "
-                    f"-> {now:.4f}); check train.lr, the data and the item text"
-                )
-
-
-def record_validation(fabric: L.Fabric, config: RunConfig, state: TrainState, metrics: dict) -> bool:
-    """Log the epoch's validation metrics and update the early-stopping state; True if improved."""
-    value = metrics[config.eval.metric]
-    state.valid_history.append({"epoch": state.epoch, **metrics})
-    fabric.log_dict({f"valid/{k}": v for k, v in metrics.items()}, step=state.step)
-    improved = value > state.best
-    if improved:
-        state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
-    else:
-        state.bad_epochs += 1
-    fabric.print(
-        f"epoch {state.epoch}: valid {config.eval.metric} = {value:.4f}"
-        f"{' (best)' if improved else ''}  recall@10 = {metrics.get('recall@10', 0):.4f}"
-    )
-    return improved
-
-
-def finish(fabric, config, folder, model, data, tokens, state, seconds) -> dict:
-    """Reload the best checkpoint, score valid and test once, write metrics.json."""
-    model.module.load_state_dict(read_checkpoint(checkpoint_path(folder, "best"))["model"])
-    result = {
-        split: evaluate_split(config, model.module, data, tokens, split, device=fabric.device)
-        for split in ("valid", "test")
-    }
-    result["protocol"] = protocol_card(data, "test", model=config.model.kind, config_hash=config_hash(config))
-    result["train"] = {
-        "seconds": round(seconds, 1),
-        "params": sum(p.numel() for p in model.module.parameters()),
-        "trainable_params": sum(p.numel() for p in model.module.parameters() if p.requires_grad),
-        "steps": state.step,
-        "epochs": state.epoch,
-        "best_epoch": state.best_epoch,
-        "valid_history": state.valid_history,
-    }
-    if fabric.global_rank == 0:
-        write_json(folder / "metrics.json", result)
-    fabric.logger.finalize("success")
-    return result

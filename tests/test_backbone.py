@@ -129,9 +129,9 @@ def test_minilm_packed_mean_pooling_matches_one_sentence_at_a_time():
     backbone = load_backbone("minilm")
     assert backbone.hidden_size == 384 and not backbone.is_decoder
     encoder = ItemEncoder(backbone, pooling="mean").eval()
-    tokens = tokenize_items(SENTENCES, backbone.tokenizer, max_tokens=64)
+    item_tokens = tokenize_items(SENTENCES, backbone.tokenizer, max_tokens=64)
     with torch.no_grad():
-        packed = encoder(pack_items(tokens, np.arange(2)))
+        packed = encoder(pack_items(item_tokens, np.arange(2)))
         alone = [backbone.model(**backbone.tokenizer(text, return_tensors="pt")) for text in SENTENCES]
     expected = torch.stack([out.last_hidden_state[0].mean(0) for out in alone])
     torch.testing.assert_close(packed, expected, atol=1e-5, rtol=0)
@@ -147,9 +147,9 @@ def test_smollm2_converts_once_and_encodes(tmp_path, monkeypatch):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["smollm2-135m"]  # no temp left
     assert backbone.hidden_size == cached.hidden_size == 576 and backbone.is_decoder
     encoder = ItemEncoder(cached, pooling="token").eval()
-    tokens = tokenize_items(SENTENCES, cached.tokenizer, max_tokens=64)
+    item_tokens = tokenize_items(SENTENCES, cached.tokenizer, max_tokens=64)
     with torch.no_grad():
-        embeddings = encoder(pack_items(tokens, np.arange(2), slots=1))
+        embeddings = encoder(pack_items(item_tokens, np.arange(2), appended_tokens=1))
     assert embeddings.shape == (2, 576) and torch.isfinite(embeddings).all()
 
 

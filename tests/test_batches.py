@@ -43,9 +43,9 @@ def test_windows_cover_every_training_transition_once():
 def test_batch_indexes_items_and_shares_negatives():
     data = toy([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11], [2, 4, 6, 8, 10, 12]], num_items=16)
     lengths = np.full(16, 2)
-    tokens = ItemTokens(np.arange(32, dtype=np.int32), np.concatenate([[0], np.cumsum(lengths)]))
+    item_tokens = ItemTokens(np.arange(32, dtype=np.int32), np.concatenate([[0], np.cumsum(lengths)]))
     dataset = TrainBatches(
-        data, max_history=3, batch_size=3, num_negatives=4, seed=0, item_tokens=tokens, slots=1
+        data, max_history=3, batch_size=3, num_negatives=4, seed=0, item_tokens=item_tokens, appended_tokens=1
     )
     batch = dataset[0]
     present = batch.items != 0
@@ -55,7 +55,7 @@ def test_batch_indexes_items_and_shares_negatives():
     assert len(set(negatives)) == 4 and 0 not in negatives
     assert torch.equal(batch.mask, batch.items[:, :-1] != 0)
     assert batch.text.num_items == len(batch.batch_items)
-    assert int(batch.text.lengths.sum()) == 3 * len(batch.batch_items)  # 2 tokens + 1 slot
+    assert int(batch.text.lengths.sum()) == 3 * len(batch.batch_items)  # 2 tokens + 1 [ITEM] token
 
 
 def test_batches_are_reproducible_per_epoch_and_differ_across_epochs():

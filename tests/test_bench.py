@@ -1,39 +1,88 @@
-"""`hllm bench --quick` end to end: records, resume record by record, report and plots."""
+"""`hllm bench`: the recipes of configs/bench/ (equal budgets), `--quick` end to end (records, resume
+record by record, tuning on validation, report and plots), and the report's choice of the best model."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
-from hllm.bench.run import TUNING_GRID
+from hllm.bench import recipes
+from hllm.bench.report import best_lines
 from hllm.cli import app
+from hllm.config import load_config
+from hllm.errors import UserError
 
 KEYS = {"dataset", "model", "seed", "valid", "test", "train_seconds", "params", "config", "protocol"}
 
 
+@pytest.mark.parametrize("model", recipes.model_names())
+def test_every_recipe_loads_and_opens_with_its_command(model):
+    path = recipes.recipe_path(model)
+    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert path.read_text().startswith("# ") and f"--models {model}" in header
+    raw = load_config(path)
+    assert raw.eval.metric == "ndcg@10"
+    for key in ("path:", "text_fields:", "seed:", "name:", "out_dir:"):
+        assert key not in path.read_text(), f"{path}: {key} belongs to the harness (datasets.yaml, --seeds)"
+
+
+def test_every_model_family_gets_the_same_budget_and_grid_size():
+    grids = recipes.grids()
+    assert set(grids) == {"id", "hllm"}
+    assert len({len(grid.settings) for grid in grids.values()}) == 1
+    budgets = set()
+    for grid in grids.values():
+        for model in grid.recipes:
+            for setting in grid.settings:  # every setting is a valid override of every recipe it tunes
+                config = load_config(recipes.recipe_path(model), setting)
+                budgets.add((config.train.epochs, config.train.patience))
+    assert budgets == {(40, 5)}
+
+
+def test_the_hllm_grid_covers_width_learning_rate_dropout_history_and_negatives():
+    settings = [item for setting in recipes.grids()["hllm"].settings for item in setting]
+    widths = {
+        load_config(recipes.recipe_path("hllm-minilm-frozen"), [s]).model.user.backbone for s in settings
+    }
+    assert {"small-llama-64", "small-llama-128", "small-llama"} <= widths  # 64 to 384
+    touched = {item.split("=")[0] for item in settings}
+    assert {"train.lr", "model.user.dropout", "data.max_history", "train.negatives"} <= touched
+
+
+def test_a_grid_with_an_unknown_key_or_a_model_in_two_grids_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipes, "RECIPES", tmp_path)
+    (tmp_path / "grids").mkdir()
+    grid = tmp_path / "grids" / "a.yaml"
+    grid.write_text("recipes: [x]\nsettings: [[]]\nsetings: [[]]\n")
+    recipes.grids.cache_clear()
+    with pytest.raises(UserError, match="setings"):
+        recipes.grids()
+    grid.write_text("recipes: [x]\nsettings: [[]]\n")
+    (tmp_path / "grids" / "b.yaml").write_text("recipes: [x, y]\nsettings: [[]]\n")
+    recipes.grids.cache_clear()
+    with pytest.raises(UserError, match="more than one grid: x"):
+        recipes.grids()
+    recipes.grids.cache_clear()
+
+
 def test_quick_bench_writes_records_resumes_and_reports(tmp_path):
-    args = [
-        "bench",
-        "--quick",
-        "--seeds",
-        "2",
-        "--out",
-        str(tmp_path),
-        "--set",
-        f"data.cache_dir={tmp_path / 'cache'}",
-    ]
+    model = "hllm-minilm-frozen-no-dropout"  # untuned: one run per seed
+    args = ["bench", "--quick", "--models", f"popularity,{model}", "--seeds", "2", "--out", str(tmp_path)]
+    args += ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     records = json.loads((tmp_path / "results.json").read_text())
     assert [(r["model"], r["seed"]) for r in records] == [
         ("popularity", 0),
         ("popularity", 1),
-        ("hllm-minilm-frozen", 0),
-        ("hllm-minilm-frozen", 1),
+        (model, 0),
+        (model, 1),
     ]
     assert all(KEYS <= set(r) and "recall@10" in r["test"] for r in records)
     assert records[2]["params"] > 0 and records[2]["protocol"]["items_ranked"] == 1682
+    assert records[2]["config"]["model"]["user"]["dropout"] == 0.0  # from its recipe file
 
     # Lose the last record (as if interrupted): a rerun recomputes only that one.
     (tmp_path / "results.json").write_text(json.dumps(records[:3]))
@@ -44,32 +93,56 @@ def test_quick_bench_writes_records_resumes_and_reports(tmp_path):
     assert again[3]["test"] == records[3]["test"]  # same seed, same numbers
 
     report = (tmp_path / "report.md").read_text()
-    assert "| popularity | 2 |" in report and "hllm-minilm-frozen" in report
+    assert "| popularity | 2 |" in report and model in report
     assert (tmp_path / "ml-100k-metrics.png").stat().st_size > 1000
 
 
-def test_unknown_bench_model_is_a_user_error(tmp_path):
-    result = CliRunner().invoke(app, ["bench", "--quick", "--models", "nope", "--out", str(tmp_path)])
-    assert result.exit_code != 0 and "unknown model 'nope'" in str(result.exception)
+def test_unknown_bench_model_is_a_user_error_before_anything_runs(tmp_path):
+    args = ["bench", "--quick", "--models", "popularity,nope", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, UserError) and "unknown model 'nope'" in str(result.exception)
+    assert not (tmp_path / "results.json").exists()
 
 
-def test_baselines_are_tuned_on_validation_and_the_best_setting_is_used_for_every_seed(tmp_path):
+def test_baselines_are_tuned_on_validation_and_the_best_setting_is_used_for_every_seed(tmp_path, monkeypatch):
+    grid = recipes.grid_of("sasrec-ce")[:3]  # the mechanism, on fewer trials than the real grid
+    monkeypatch.setattr(recipes, "grid_of", lambda model: grid)
     args = ["bench", "--quick", "--models", "sasrec-ce", "--seeds", "2", "--out", str(tmp_path)]
     args += ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     trials = json.loads((tmp_path / "tuning.json").read_text())
-    assert [t["overrides"] for t in trials] == TUNING_GRID
+    assert [t["overrides"] for t in trials] == grid
     best = max(trials, key=lambda t: t["valid"]["ndcg@10"])
     records = json.loads((tmp_path / "results.json").read_text())
     assert [(r["model"], r["seed"]) for r in records] == [("sasrec-ce", 0), ("sasrec-ce", 1)]
     assert records[0]["test"] == best["test"]  # seed 0 is the chosen trial itself, not retrained
     assert records[1]["tuning"]["chosen"] == best["overrides"] == records[0]["tuning"]["chosen"]
     assert records[1]["config"]["name"].endswith(f"{best['tag']}-s1")
-    assert len(records[1]["tuning"]["trials"]) == len(TUNING_GRID)
+    assert len(records[1]["tuning"]["trials"]) == len(grid)
 
-    assert "sasrec-ce: valid ndcg@10 of `recipe`" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert f"the best of {len(grid)} settings on valid ndcg@10" in report
+    assert report.count("| sasrec-ce | `") == len(grid)  # every trial, the losing ones too
 
     # A rerun trains nothing: every trial and record is already there.
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and json.loads((tmp_path / "tuning.json").read_text()) == trials
+
+
+def _records(model: str, kind: str, valid: float, test: float) -> list[dict]:
+    scores = {"recall@10": test, "ndcg@10": test}
+    config = {"model": {"kind": kind}}
+    return [{"model": model, "valid": {"ndcg@10": valid}, "test": scores, "config": config}]
+
+
+def test_the_best_model_of_a_family_is_chosen_on_validation_not_test():
+    models = {
+        "hllm-a": _records("hllm-a", "hllm", valid=0.10, test=0.30),  # best on test only
+        "hllm-b": _records("hllm-b", "hllm", valid=0.12, test=0.20),
+        "sasrec-ce": _records("sasrec-ce", "sasrec", valid=0.11, test=0.25),
+        "popularity": _records("popularity", "popularity", valid=0.50, test=0.50),
+    }
+    (line, _) = best_lines(models, "ndcg@10")
+    assert "HLLM `hllm-b`" in line and "ID baseline `sasrec-ce`" in line
+    assert "recall@10 -20%" in line  # 0.20 vs 0.25

@@ -2,41 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from hllm.cli import main
-from tests.conftest import tiny_overrides
-
-
-def run_cli(*args: object) -> tuple[int, str, str]:
-    """Run `hllm ARGS` in-process through `main()`; return (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["hllm", *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exit_info:
-        code = exit_info.code or 0
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
-
-
-def assert_one_line_error(code: int, err: str, *expected: str) -> None:
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for text in expected:
-        assert text in lines[0], err
+from tests.support import CYCLE_ITEMS, assert_one_line_error, run_cli, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +116,59 @@ def test_bad_model_settings_exit_2(cycle_data, tmp_path):
     assert_one_line_error(code, err, "train.negatives", "frozen")
     code, _, err = run_cli("train", config, *base, "name=d", "model.user.dropout=1.5")
     assert_one_line_error(code, err, "model.user.dropout", "[0, 1)")
+    code, _, err = run_cli("train", config, *base, "name=e", "train.log_every=0")  # once a ZeroDivisionError
+    assert_one_line_error(code, err, "train.log_every", "at least 1")
+    assert not (tmp_path / "e").exists()
+
+
+def test_option_values_are_checked_against_the_config_choices(tmp_path):
+    code, _, err = run_cli("index", tmp_path, "--kind", "annoy")
+    assert_one_line_error(code, err, "--kind", "'annoy'", "exact, hnsw, ivf")
+    code, _, err = run_cli("bench", "speed", "--modes", "finetune,bogus", "--out", tmp_path)
+    assert_one_line_error(code, err, "--modes", "'bogus'", "finetune, lora, frozen")
+    code, _, err = run_cli("bench", "serve", tmp_path, "--clients", "1,x", "--out", tmp_path)
+    assert_one_line_error(code, err, "--clients", "whole numbers")
+
+
+def test_a_run_trained_with_relative_paths_works_from_any_directory(cycle_data, tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    shutil.copytree(cycle_data, project / "data")
+    (project / "c.yaml").write_text("{}\n")
+    monkeypatch.chdir(project)
+    overrides = tiny_overrides(Path("data"), Path("runs"), train__max_steps=2, train__epochs=1)
+    code, _, err = run_cli("train", "c.yaml", *overrides)
+    assert code == 0, err
+    run = (project / "runs" / "tiny").resolve()
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli("evaluate", run, "--json")
+    assert code == 0, err
+    assert json.loads(out)["test"] == json.loads((run / "metrics.json").read_text())["test"]
+    code, out, err = run_cli("recommend", run, "--user", "u1", "-k", "2")
+    assert code == 0 and "top 2 for user u1" in out, err
+    code, _, err = run_cli("export", run, tmp_path / "artifact")
+    assert code == 0 and (tmp_path / "artifact" / "manifest.json").is_file(), err
+    (project / "data").rename(project / "moved")
+    code, _, err = run_cli("evaluate", run)
+    expected = [str(run / "config.yaml"), f"data.path {project.resolve() / 'data' / 'cycle.csv'}"]
+    assert_one_line_error(code, err, *expected, "set data.path")
+
+
+def test_an_hllm_needs_item_text_an_id_model_does_not(cycle_data, tmp_path):
+    (tmp_path / "bare").mkdir()
+    shutil.copy(cycle_data / "cycle.csv", tmp_path / "bare" / "cycle.csv")  # no item table beside it
+    (tmp_path / "ids.csv").write_text("item_id\n" + "".join(f"i{i}\n" for i in range(CYCLE_ITEMS)))
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    bare = tiny_overrides(
+        cycle_data, tmp_path, data__path=tmp_path / "bare" / "cycle.csv", data__item_path="null"
+    )
+    code, _, err = run_cli("train", config, *bare)
+    assert_one_line_error(code, err, "cycle.csv", "no item table", "data.item_path")
+    code, _, err = run_cli("train", config, *bare, f"data.item_path={tmp_path / 'ids.csv'}")
+    assert_one_line_error(code, err, "ids.csv", "no text columns", "data.text_fields")
+    code, _, err = run_cli("train", config, *bare, "model.kind=sasrec", "train.max_steps=2", "train.epochs=1")
+    assert code == 0, err
+    assert json.loads((tmp_path / "tiny" / "metrics.json").read_text())["train"]["steps"] == 2
 
 
 UNUSABLE_STRATEGIES = [

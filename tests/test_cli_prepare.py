@@ -75,6 +75,7 @@ def run_module(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.process
 def test_real_entry_point_success(shared_data, tmp_path):
     done = run_module("prepare", str(shared_data / "ml-100k"), "--json", f"data.cache_dir={tmp_path}")
     assert done.returncode == 0, done.stderr
@@ -83,6 +84,7 @@ def test_real_entry_point_success(shared_data, tmp_path):
     assert (stats["users"], stats["items"], stats["interactions"]) == COUNTS["ml-100k"]
 
 
+@pytest.mark.process
 def test_real_entry_point_bad_input(fixtures, tmp_path):
     path = fixtures / "bad" / "malformed.inter.json"
     done = run_module("prepare", str(path), f"data.cache_dir={tmp_path / 'cache'}")

@@ -16,14 +16,14 @@ import pytest
 from fastapi.responses import JSONResponse
 
 from hllm.config import CreatorDataConfig, DataConfig, LLMConfig
+from hllm.creator.data import teacher
 from hllm.creator.data.judge import judge_titles, parse_choice, verdict
 from hllm.creator.data.llm import LLMError, LocalChat, OpenAIChat
 from hllm.creator.data.llm_server import create_llm_app
-from hllm.creator.data.prompts import JUDGE, PROFILE, REWRITE, VERIFY
+from hllm.creator.data.prompts import JUDGE, POLISH, PROFILE, REWRITE, VERIFY
 from hllm.creator.data.teacher import build_data, parse_interests, parse_title, parse_yes_no
 from hllm.errors import UserError
-from tests.conftest import serving_app
-from tests.test_cli import assert_one_line_error, run_cli
+from tests.support import assert_one_line_error, run_cli, serving_app
 
 INTERESTS = "- lab tools\n- electrical repair"
 
@@ -79,6 +79,7 @@ def test_prompt_templates_are_versioned_and_take_exactly_their_fields():
         (REWRITE, {"interests", "title", "selling_points"}),
         (VERIFY, {"title", "selling_points", "new_title"}),
         (JUDGE, {"interests", "history", "selling_points", "title_a", "title_b"}),
+        (POLISH, {"title"}),
     ):
         assert re.fullmatch(rf"{prompt.name}-v\d+", prompt.version)
         assert prompt.fields == fields
@@ -177,6 +178,50 @@ def test_build_data_over_http_keeps_faithful_titles_and_rejects_invented_claims(
         item not in history for item, history in zip(rows["item_id"], rows["history_item_ids"], strict=True)
     )
     assert chat.calls == 12  # one profile per user, one rewrite per row
+
+
+GROUNDED = replace(SMALL, encoder="tiny-bert")  # a tiny random encoder: the ranking is arbitrary
+
+
+def test_grounded_backend_titles_every_row_from_its_item_text_without_an_llm(scientific, tmp_path):
+    report = build_data(scientific, GROUNDED, LLMConfig(backend="grounded"), tmp_path)
+    rows = pd.read_parquet(tmp_path / "rows.parquet")
+    assert report["backend"] == "grounded" and report["model"] == "tiny-bert"
+    assert report["rows"] == 6 and report["kept"] == len(rows) == 6 and report["rejected"] == {}
+    assert set(rows["personalised_title"]) == set(rows["grounded_title"])
+    assert (rows["personalised_title"] != rows["original_title"]).all()
+    assert rows["interests"].map(len).between(1, 3).all()
+    assert not (tmp_path / "profile").exists()  # no LLM stage ran
+    with pytest.raises(UserError, match="set --polish"):
+        build_data(scientific, replace(GROUNDED, verify=True), LLMConfig(backend="grounded"), tmp_path / "v")
+
+
+class PolishingChat:
+    """Rewords a grounded title: drops its separators, and invents a claim for every other row."""
+
+    backend, model = "openai", "polisher"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def chat(self, conversations, *, temperature=None, max_new_tokens=None) -> list[str]:
+        self.calls += len(conversations)
+        titles = [re.search(r"Title: (.*)", c[-1]["content"])[1] for c in conversations]
+        return [("Waterproof " if i % 2 else "") + t.replace(" | ", " ") for i, t in enumerate(titles)]
+
+
+def test_polish_rewords_grounded_titles_and_the_filter_still_judges_them(scientific, tmp_path, monkeypatch):
+    chat = PolishingChat()
+    monkeypatch.setattr(teacher, "open_chat_model", lambda config: chat)
+    settings = replace(GROUNDED, polish="openai", chunk_rows=6)
+    report = build_data(scientific, settings, LLMConfig(backend="grounded"), tmp_path)
+    rows = pd.read_parquet(tmp_path / "rows.parquet")
+    assert chat.calls == 6 and report["prompts"]["polish"] == POLISH.version
+    invented = rows["personalised_title"].str.startswith("Waterproof")
+    reworded = rows["personalised_title"].str.removeprefix("Waterproof ")
+    assert (reworded == rows["grounded_title"].str.replace(" | ", " ")).all()
+    assert invented.any() and (rows["kept"] == ~invented).all()  # no item of the sample is waterproof
+    assert report["rejected"] == {"claim": int(invented.sum())}
 
 
 def test_a_crash_loses_nothing_written_and_the_rerun_asks_only_the_rest(scientific, tmp_path):
@@ -321,6 +366,12 @@ def test_cli_build_data_and_judge_over_http_print_their_summaries(shared_data, t
         )
         assert code == 0, err
         assert "titles kept" in out and "openai / scripted" in out
+        grounded = ["--backend", "grounded", "creator.data.encoder=tiny-bert"]
+        code, out, err = run_cli(
+            "creator", "build-data", dataset, "--out", str(tmp_path / "g"), "--limit", "3", *grounded
+        )
+        assert code == 0, err
+        assert "grounded / tiny-bert" in out
         rows = str(tmp_path / "d" / "rows.parquet")
         code, out, err = run_cli("creator", "judge", rows, "--out", str(tmp_path / "j"), *http)
         assert code == 0, err

@@ -1,4 +1,4 @@
-"""CreativeLLM on tiny random models: the user slot, each loss against a hand-computed or library
+"""CreativeLLM on tiny random models: the [USER] position, each loss against a hand-computed or library
 value, cls on one device, padding to the batch's longest sequence, the query-token user embedding."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -19,33 +20,7 @@ from hllm.creator.model.layout import IGNORE, pad
 from hllm.creator.model.losses import align_loss, matching_loss, target_token_loss
 from hllm.creator.model.training import build_creator
 from hllm.runs import load_run
-
-INTERESTS = (["science lab"], ["home office"], ["kids toy"])
-
-
-def cycle_rows(data) -> pd.DataFrame:
-    """One row per cycle user: its last training item, retitled for one of three interests."""
-    rows = []
-    for user in range(data.num_users):
-        training = data.sequence(user)[:-2]
-        item = int(training[-1])
-        interests = INTERESTS[user % 3]
-        title = data.item_titles[item]
-        rows.append(
-            {
-                "user_id": str(data.user_ids[user]),
-                "history_item_ids": [str(data.item_ids[i]) for i in training[:-1]],
-                "item_id": str(data.item_ids[item]),
-                "original_title": title,
-                "selling_points": f"description: a {title} for the desk",
-                "history": "\n".join(f"- {data.item_titles[i]}" for i in training[:-1]),
-                "interests": interests,
-                "personalised_title": f"{title} for {interests[0]}",
-                "reasons": [],
-                "kept": user % 4 != 3,
-            }
-        )
-    return pd.DataFrame(rows)
+from tests.support import cycle_rows
 
 
 @pytest.fixture(scope="module")
@@ -77,40 +52,44 @@ def batches_of(model, hllm_run, rows: pd.DataFrame, **kwargs) -> CreatorBatches:
     return CreatorBatches(examples, pad_id=model.layout.placeholder, **options)
 
 
-def test_user_embedding_lands_in_its_slot_and_nowhere_else(creator):
+def test_user_embedding_lands_at_its_position_and_nowhere_else(creator):
     layout = creator.layout
     prompts = [layout.prompt("red lamp", "a lamp"), layout.prompt("blue pen", "a pen for you")]
     padded = pad(prompts, creator.layout.placeholder, side="left")
-    slots = torch.randn(2, creator.projector.out_features)
-    embedded = creator.embed(padded, slots)
+    projected = torch.randn(2, creator.projector.out_features)
+    embedded = creator.embed(padded, projected)
     plain = creator.lm.get_input_embeddings()(padded.ids)
     for row in range(2):
-        slot = int(padded.slot[row])
-        assert padded.ids[row, slot] == creator.layout.placeholder
-        assert slot == int((~padded.mask[row]).sum()) + len(creator.layout._header)  # after the header
-        assert torch.equal(embedded[row, slot], slots[row])
-        others = torch.arange(padded.ids.shape[1]) != slot
+        user_position = int(padded.user_position[row])
+        assert padded.ids[row, user_position] == creator.layout.placeholder
+        assert user_position == int((~padded.mask[row]).sum()) + len(
+            creator.layout._header
+        )  # after the header
+        assert torch.equal(embedded[row, user_position], projected[row])
+        others = torch.arange(padded.ids.shape[1]) != user_position
         assert torch.equal(embedded[row, others], plain[row, others])
 
 
-def test_user_embedding_changes_the_output_after_the_slot_only(creator):
+def test_user_embedding_changes_the_output_after_its_position_only(creator):
     padded = pad([creator.layout.prompt("red lamp", "a lamp")], creator.layout.placeholder)
-    slot = int(padded.slot[0])
+    user_position = int(padded.user_position[0])
     with torch.no_grad():
         first = creator.hidden_states(padded, creator.embed(padded, torch.randn(1, 32)))
         second = creator.hidden_states(padded, creator.embed(padded, torch.randn(1, 32)))
-    assert torch.allclose(first[0, :slot], second[0, :slot])  # causal: the header cannot see the user
-    assert not torch.allclose(first[0, slot:], second[0, slot:], atol=1e-4)
+    assert torch.allclose(
+        first[0, :user_position], second[0, :user_position]
+    )  # causal: the header cannot see the user
+    assert not torch.allclose(first[0, user_position:], second[0, user_position:], atol=1e-4)
 
 
-def test_different_histories_give_different_slot_vectors(creator):
+def test_different_histories_give_different_projected_users(creator):
     history = torch.tensor([[0, 0, 1, 2, 3], [0, 0, 7, 8, 9]])
-    slots = creator.slot_vectors(history)
-    assert slots.shape == (2, creator.projector.out_features)
-    assert not torch.allclose(slots[0], slots[1])
-    # the slot vector's norm is set near an average token embedding's
+    projected = creator.projected_users(history)
+    assert projected.shape == (2, creator.projector.out_features)
+    assert not torch.allclose(projected[0], projected[1])
+    # the projected vector's norm is set near an average token embedding's
     token_norm = creator.lm.get_input_embeddings().weight.detach().norm(dim=-1).mean()
-    assert 0.3 < float(slots.detach().norm(dim=-1).mean() / token_norm) < 3
+    assert 0.3 < float(projected.detach().norm(dim=-1).mean() / token_norm) < 3
 
 
 def test_target_token_loss_by_hand():
@@ -128,11 +107,11 @@ def test_creative_and_recon_losses_equal_the_library_loss(creator, hllm_run):
     with torch.no_grad():
         creator.training_loss(batch)
         stats = dict(creator.last_stats)
-        slots = creator.slot_vectors(batch.history)
+        projected = creator.projected_users(batch.history)
         for name, padded in (("creative", batch.creative), ("recon", batch.recon)):
             positions = (padded.mask.long().cumsum(-1) - 1).clamp(min=0)
             reference = creator.lm(
-                inputs_embeds=creator.embed(padded, slots),
+                inputs_embeds=creator.embed(padded, projected),
                 attention_mask=padded.mask.long(),
                 position_ids=positions,
                 labels=padded.labels,
@@ -250,6 +229,21 @@ def test_batches_are_the_same_for_the_same_epoch(creator, hllm_run):
     again = batches[1]
     assert torch.equal(first.creative.ids, again.creative.ids)
     assert torch.equal(first.negatives, again.negatives)
+
+
+@pytest.mark.parametrize("count", [10, 11])
+def test_each_rank_reads_its_own_share_of_the_examples(creator, hllm_run, count):
+    """Two ranks cover every example once (one comes twice when the count is odd) in as many
+    batches each, so no process waits on another for a gradient sync."""
+    rows = pd.concat([cycle_rows(hllm_run.data)] * 3, ignore_index=True).iloc[:count]
+    shares = [batches_of(creator, hllm_run, rows, seed=3, rank=rank, world_size=2) for rank in (0, 1)]
+    for share in shares:
+        share.set_epoch(1)
+        read = [int(item) for index in range(len(share)) for item in share[index].items]
+        assert read == [share.examples[i].item for i in share.order]  # the batches follow the share
+    assert len(shares[0]) == len(shares[1]) == 2
+    times = np.bincount(np.concatenate([share.order for share in shares]), minlength=count)
+    assert times.min() == 1 and times.sum() == count + count % 2
 
 
 def test_query_token_embedding_trains_and_differs_from_the_last_position(hllm_run):

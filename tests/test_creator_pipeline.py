@@ -11,18 +11,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from hllm.config import dump_config, load_config
 from hllm.creator.evaluate import other_rows, variant_metrics
 from hllm.creator.infer.clusters import assign_clusters, fit_kmeans, top_clusters
 from hllm.creator.infer.infer import UserEmbedder, embed_shards, infer, lookup_title, read_embeddings
+from hllm.creator.model.dataset import trainable_rows
 from hllm.creator.model.model import CreativeLLM
 from hllm.creator.model.training import load_creator
 from hllm.runs import load_run
 from hllm.train import fit
-from tests.conftest import tiny_overrides
-from tests.test_cli import assert_one_line_error, run_cli
-from tests.test_creator_model import cycle_rows
+from tests.support import assert_one_line_error, cycle_rows, run_cli, tiny_overrides
 
 CREATOR_YAML = """
 name: creator
@@ -60,7 +60,7 @@ def creator_run(workspace) -> Path:
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["train_state"]["step"] == 2
     code, out, err = run_cli(*args, "--resume")
     assert code == 0, err
-    assert "held-out loss" in out
+    assert "valid loss" in out
     return run
 
 
@@ -69,12 +69,16 @@ def test_train_writes_the_run_and_resumes_to_the_end(creator_run, workspace):
     metrics = json.loads((creator_run / "metrics.json").read_text())
     rows = workspace["rows"]
     held_out = json.loads((creator_run / "split.json").read_text())["held_out_users"]
-    training = rows[rows["kept"] & ~rows["user_id"].isin(held_out)]
+    usable = trainable_rows(rows)  # every row with a profile trains; the kept ones also creative
+    training = usable[~usable["user_id"].isin(held_out)]
     assert len(held_out) == 9  # a quarter of 36 users
+    assert len(training) > (training["kept"]).sum()  # rejected rows with a profile train too
     assert metrics["train_rows"] == len(training)
     assert state["step"] == 2 * -(-len(training) // 8) and state["epoch"] == 2
     assert [entry["epoch"] for entry in metrics["valid_history"]] == [1, 2]
-    assert (creator_run / "config.yaml").read_text().count(str(workspace["folder"] / "rows.parquet")) == 1
+    saved = (creator_run / "config.yaml").read_text()
+    assert saved.count(str(workspace["folder"] / "rows.parquet")) == 1
+    assert list(yaml.safe_load(saved)) == ["name", "out_dir", "train", "eval", "creator"]
 
 
 def test_generate_prints_titles_beside_the_original_and_history(creator_run):
@@ -193,9 +197,10 @@ def test_evaluate_reports_every_variant(creator_run, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rows"] == 9
     for variant in ("full", "random_user", "no_user"):
-        for key in ("personalisation_lift", "hallucination_rate", "wins_over_original"):
-            assert 0.0 <= metrics[variant]["hallucination_rate"] <= 1.0
-            assert key in metrics[variant]
+        assert {"personalisation_lift", "hallucination_rate", "wins_over_original"} <= set(metrics[variant])
+        for key in ("hallucination_rate", "wins_over_original"):  # shares of the 9 rows
+            rows = metrics[variant][key] * 9
+            assert rows == pytest.approx(round(rows)), (variant, key)
     generated = pd.read_parquet(out / "generated.parquet")
     assert (generated["random_user_id"] != generated["user_id"]).all()
     assert "personalisation lift" in stdout
@@ -308,6 +313,24 @@ def test_an_interrupted_training_resumes_exactly(workspace, tmp_path, monkeypatc
         train("resumed")
     monkeypatch.setattr(CreativeLLM, "training_loss", real)
     resumed = train("resumed", resume=True)
-    assert straight["train_state"]["step"] == resumed["train_state"]["step"] == 3
+    rows = trainable_rows(workspace["rows"])
+    held_out = json.loads((tmp_path / "straight" / "split.json").read_text())["held_out_users"]
+    steps = -(-(~rows["user_id"].isin(held_out)).sum() // 8)  # one epoch of batches of 8
+    assert straight["train_state"]["step"] == resumed["train_state"]["step"] == steps >= 3
     for key in ("projector.weight", "matcher.user_tower.weight", "end_token"):
         assert torch.equal(straight["model"][key], resumed["model"][key]), key
+
+
+def test_patience_stops_a_creator_run_on_the_held_out_loss(workspace, tmp_path, monkeypatch):
+    """Held-out losses 2, 1, 1 (a tie: no gain), 1.5: patience 2 stops after epoch 4 of 8, and
+    best.ckpt is epoch 2's."""
+    from hllm.creator.model import training
+
+    losses = iter([2.0, 1.0, 1.0, 1.5, 0.5])
+    monkeypatch.setattr(training, "validation_loss", lambda model, batches, device: {"loss": next(losses)})
+    overrides = [*workspace["overrides"], f"out_dir={tmp_path}", "train.epochs=8", "train.patience=2"]
+    result = training.fit_creator(load_config(workspace["config"], overrides))
+    assert result["epochs"] == 4 and result["best_epoch"] == 2
+    assert [entry["loss"] for entry in result["valid_history"]] == [2.0, 1.0, 1.0, 1.5]
+    best = torch.load(tmp_path / "creator" / "checkpoints" / "best.ckpt", weights_only=False)
+    assert best["train_state"]["epoch"] == 2

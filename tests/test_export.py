@@ -13,8 +13,7 @@ from hllm.errors import UserError
 from hllm.evaluate import item_table, recommend_items
 from hllm.runs import load_run
 from hllm.serving.export import encode_histories, encode_texts, load_artifact, read_manifest
-from tests.conftest import copy_artifact
-from tests.test_cli import assert_one_line_error, run_cli
+from tests.support import assert_one_line_error, copy_artifact, run_cli
 
 
 def test_artifact_reproduces_the_runs_item_table_and_recommendations(tiny_run, tiny_artifact):

@@ -13,7 +13,7 @@ from hllm.models.hstu import build_hstu
 from hllm.models.id_recommender import sample_negatives
 from hllm.models.sasrec import build_sasrec
 from hllm.train import fit
-from tests.conftest import tiny_overrides
+from tests.support import tiny_overrides
 
 BUILDERS = {"sasrec": build_sasrec, "hstu": build_hstu}
 

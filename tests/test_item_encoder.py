@@ -36,11 +36,13 @@ def tokens_of(backbone: Backbone) -> ItemTokens:
     return tokenize_items(TEXTS, backbone.tokenizer, max_tokens=64)
 
 
-def one_at_a_time(encoder: ItemEncoder, tokens: ItemTokens, ids: list[int]) -> torch.Tensor:
+def one_at_a_time(encoder: ItemEncoder, item_tokens: ItemTokens, ids: list[int]) -> torch.Tensor:
     """Reference: each item alone through the plain model (no packing, no mask), pooled by hand."""
     rows = []
     for i in ids:
-        input_ids = torch.from_numpy(tokens.ids[tokens.offsets[i] : tokens.offsets[i + 1]]).long()
+        input_ids = torch.from_numpy(
+            item_tokens.ids[item_tokens.offsets[i] : item_tokens.offsets[i + 1]]
+        ).long()
         embeds = encoder.model.get_input_embeddings()(input_ids)  # (t, D)
         if encoder.pooling == "token":
             embeds = torch.cat([embeds, encoder.item_token[None]])
@@ -58,12 +60,12 @@ def one_at_a_time(encoder: ItemEncoder, tokens: ItemTokens, ids: list[int]) -> t
 def test_packed_encoding_matches_one_item_at_a_time(name, pooling, request):
     backbone = request.getfixturevalue(name)
     encoder = ItemEncoder(backbone, pooling=pooling).eval()
-    tokens = tokens_of(backbone)
+    item_tokens = tokens_of(backbone)
     ids = [0, 1, 2, 3, 4, 2]
-    assert len(set(tokens.lengths.tolist())) >= 4  # items of different lengths
+    assert len(set(item_tokens.lengths.tolist())) >= 4  # items of different lengths
     with torch.no_grad():
-        packed = encoder(pack_items(tokens, np.array(ids), slots=encoder.slots))
-        expected = one_at_a_time(encoder, tokens, ids)
+        packed = encoder(pack_items(item_tokens, np.array(ids), appended_tokens=encoder.appended_tokens))
+        expected = one_at_a_time(encoder, item_tokens, ids)
     assert packed.shape == (len(ids), backbone.hidden_size)
     torch.testing.assert_close(packed, expected, atol=ATOL, rtol=0)
 
@@ -86,7 +88,7 @@ def test_attention_does_not_cross_items(name, request):
 @pytest.mark.parametrize("max_tokens", [1, 7, 20, 10_000])
 def test_splitting_into_rows_gives_the_same_embeddings(tiny_llama, max_tokens):
     encoder = ItemEncoder(tiny_llama, pooling="token").eval()
-    packed = pack_items(tokens_of(tiny_llama), np.array([4, 0, 1, 2, 3, 1, 0]), slots=1)
+    packed = pack_items(tokens_of(tiny_llama), np.array([4, 0, 1, 2, 3, 1, 0]), appended_tokens=1)
     with torch.no_grad():
         one_row = encoder(packed)
         encoder.max_tokens_per_row = max_tokens
@@ -97,7 +99,7 @@ def test_splitting_into_rows_gives_the_same_embeddings(tiny_llama, max_tokens):
 def test_row_layout_packs_whole_items_first_fit_decreasing():
     layout = row_layout(torch.tensor([3, 2, 4, 6]), max_tokens=5)
     # Rows hold at most max(5, longest item = 6) tokens. Longest first: item 3 fills row 0, item 2
-    # opens row 1, item 0 (3) does not fit its 2 free slots and opens row 2, item 1 (2) fills row 1.
+    # opens row 1, item 0 (3) does not fit its 2 free appended_tokens and opens row 2, item 1 (2) fills row 1.
     assert layout.shape == (3, 6)
     assert layout.row.tolist() == [2] * 3 + [1] * 2 + [1] * 4 + [0] * 6
     assert layout.column.tolist() == [0, 1, 2, 4, 5, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5]
@@ -115,7 +117,7 @@ def test_padded_layout_puts_one_item_per_row():
 @pytest.mark.parametrize("pad_width", [0, 40])
 def test_padded_layout_gives_the_packed_embeddings(tiny_llama, pad_width):
     encoder = ItemEncoder(tiny_llama, pooling="token").eval()
-    packed = pack_items(tokens_of(tiny_llama), np.array([4, 0, 1, 2, 3]), slots=1)
+    packed = pack_items(tokens_of(tiny_llama), np.array([4, 0, 1, 2, 3]), appended_tokens=1)
     with torch.no_grad():
         expected = encoder(packed)
         encoder.layout, encoder.pad_width = "padded", pad_width
@@ -126,7 +128,7 @@ def test_padded_layout_gives_the_packed_embeddings(tiny_llama, pad_width):
 def test_gradients_reach_item_token_and_backbone():
     backbone = load_backbone("tiny-llama")  # fresh: this test writes gradients
     encoder = ItemEncoder(backbone, pooling="token").train()
-    encoder(pack_items(tokens_of(backbone), np.array([0, 1, 2]), slots=1)).pow(2).sum().backward()
+    encoder(pack_items(tokens_of(backbone), np.array([0, 1, 2]), appended_tokens=1)).pow(2).sum().backward()
     assert encoder.item_token.grad.abs().sum() > 0
     assert backbone.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert backbone.model.get_input_embeddings().weight.grad.abs().sum() > 0
@@ -152,10 +154,10 @@ def test_gradient_checkpointing_keeps_gradients():
     assert not backbone.model.is_activation_checkpointing
 
 
-def test_slots_follow_pooling(tiny_llama, tiny_bert):
-    assert ItemEncoder(tiny_llama, pooling="token").slots == 1
-    assert ItemEncoder(tiny_bert, pooling="mean").slots == 0
-    assert ItemEncoder(tiny_bert, pooling="cls").slots == 0
+def test_appended_tokens_follow_pooling(tiny_llama, tiny_bert):
+    assert ItemEncoder(tiny_llama, pooling="token").appended_tokens == 1
+    assert ItemEncoder(tiny_bert, pooling="mean").appended_tokens == 0
+    assert ItemEncoder(tiny_bert, pooling="cls").appended_tokens == 0
 
 
 def test_cls_pooling_needs_an_encoder(tiny_llama):
@@ -176,7 +178,9 @@ def test_empty_pack_gives_no_rows(tiny_bert):
 def test_top_layers_over_lower_states_give_the_full_encoding(name, pooling, request):
     backbone = request.getfixturevalue(name)  # two layers: the top one trains
     encoder = ItemEncoder(backbone, pooling=pooling, train_layers=1).eval()
-    packed = pack_items(tokens_of(backbone), np.array([4, 0, 1, 2, 3]), slots=encoder.slots)
+    packed = pack_items(
+        tokens_of(backbone), np.array([4, 0, 1, 2, 3]), appended_tokens=encoder.appended_tokens
+    )
     with torch.no_grad():
         full = encoder(packed)
         states = encoder.lower_states(packed)

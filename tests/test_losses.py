@@ -113,6 +113,21 @@ def test_catalogue_softmax_matches_manual_cross_entropy_without_pad():
     assert torch.isfinite(table.grad).all() and table.grad.abs().sum() > 0
 
 
+def test_catalogue_softmax_scores_each_rows_own_positive():
+    """`positives` replaces each row's target column only: the rest of the table is untouched."""
+    generator = torch.Generator().manual_seed(1)
+    user, table = torch.randn(2, 4, generator=generator), torch.randn(5, 4, generator=generator)
+    positives = torch.randn(2, 4, generator=generator, requires_grad=True)
+    targets, s = torch.tensor([3, 3]), 5.0
+    logits = F.normalize(user, dim=-1) @ F.normalize(table, dim=-1).T  # (2, 5)
+    logits[:, 3] = (F.normalize(user, dim=-1) * F.normalize(positives, dim=-1)).sum(-1)
+    expected = F.cross_entropy(logits[:, 1:] * s, targets - 1)
+    out = catalogue_softmax(user, table, targets, torch.tensor(s), positives=positives)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    out.loss.backward()
+    assert positives.grad.abs().sum() > 0
+
+
 def test_catalogue_softmax_rejects_pad_target():
     with pytest.raises(ValueError, match="padding"):
         catalogue_softmax(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 3]), torch.tensor(1.0))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hllm.metrics import mask_history, mrr, ndcg_at_k, recall_at_k, summarize, target_ranks
+from hllm.metrics import mask_history, mrr, ndcg_at_k, recall_at_k, summarize, summarize_buckets, target_ranks
 
 RANKS = torch.tensor([1, 3, 12, 300])
 
@@ -78,3 +78,16 @@ def test_mask_history_masks_history_and_pad_but_never_the_target():
 def test_mask_history_rejects_pad_target():
     with pytest.raises(ValueError, match="padding"):
         mask_history(torch.zeros(1, 4), torch.tensor([[1, 2]]), torch.tensor([0]))
+
+
+def test_summarize_buckets_flat_keys_and_counts():
+    members = {
+        "new": torch.tensor([True, False, True, False]),  # ranks 1 and 12
+        "tail": torch.tensor([False, False, False, False]),
+    }
+    summary = summarize_buckets(RANKS, members, [10])
+    assert summary["new/users"] == 2
+    assert summary["new/recall@10"] == 0.5
+    assert summary["new/ndcg@10"] == pytest.approx(0.5)  # (1 + 0) / 2
+    assert summary["new/mrr"] == pytest.approx((1 + 1 / 12) / 2)
+    assert summary["tail/users"] == 0 and "tail/recall@10" not in summary  # no NaN for an empty bucket

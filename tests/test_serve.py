@@ -17,8 +17,7 @@ import pytest
 from hllm.bench.serve import free_port, start_server
 from hllm.serving.app import create_app
 from hllm.serving.export import load_artifact
-from tests.conftest import copy_artifact, serving_app
-from tests.test_cli import assert_one_line_error, run_cli
+from tests.support import assert_one_line_error, copy_artifact, run_cli, serving_app
 
 MAX_BODY = 2000
 MAX_HISTORY = 5  # data.max_history of the tiny run
@@ -319,6 +318,7 @@ def test_cli_recommend_asks_the_server(url):
 # --- restart -------------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_cold_start_items_survive_a_restart(tiny_artifact, tmp_path):
     """Added in one server; the next one (the real `hllm serve`, HNSW index) still has it."""
     folder = copy_artifact(tiny_artifact, tmp_path / "artifact")
@@ -362,3 +362,27 @@ def test_bf16_model_pass_ranks_like_fp32(tiny_artifact, tmp_path):
     fp32, bf16 = answers
     assert [i["id"] for i in bf16] == [i["id"] for i in fp32]
     np.testing.assert_allclose([i["score"] for i in bf16], [i["score"] for i in fp32], atol=2e-2)
+
+
+def test_int8_user_llm_ranks_like_fp32(tiny_artifact, tmp_path):
+    body = {"history": ["i3", "i4", "i5"], "k": 5}
+    answers = []
+    for precision in ("fp32", "int8"):
+        folder = copy_artifact(tiny_artifact, tmp_path / precision)
+        with serving(folder, [f"serve.precision={precision}"]) as address:
+            answers.append(httpx.post(f"{address}/recommend", json=body, timeout=TIMEOUT).json()["items"])
+    fp32, int8 = answers
+    assert [i["id"] for i in int8] == [i["id"] for i in fp32]
+    np.testing.assert_allclose([i["score"] for i in int8], [i["score"] for i in fp32], atol=2e-2)
+
+
+def test_history_window_reads_only_the_most_recent_items(tiny_artifact, tmp_path):
+    folder = copy_artifact(tiny_artifact, tmp_path / "windowed")
+    answers = []
+    with serving(folder, ["serve.history_window=2"]) as address:
+        for history in (["i1", "i2", "i3", "i4"], ["i3", "i4"]):
+            body = {"history": history, "k": 3, "exclude_history": False}
+            answers.append(httpx.post(f"{address}/recommend", json=body, timeout=TIMEOUT).json())
+    long, short = answers
+    assert long["truncated"] == 2 and short["truncated"] == 0
+    assert long["items"] == short["items"]

@@ -15,11 +15,17 @@ from hllm.data.text import ItemTokens
 
 def test_padding_ratio_is_padded_over_real_tokens():
     lengths = np.array([0, 2, 5, 3, 1])  # item 0 is PAD
-    tokens = ItemTokens(np.zeros(lengths.sum(), dtype=np.int32), np.concatenate([[0], np.cumsum(lengths)]))
+    item_tokens = ItemTokens(
+        np.zeros(lengths.sum(), dtype=np.int32), np.concatenate([[0], np.cumsum(lengths)])
+    )
     # batch [1, 2]: longest 5 -> 10 padded vs 7 real; batch [3, 4]: longest 3 -> 6 vs 4 real.
-    assert padding_ratio(tokens, [np.array([1, 2]), np.array([3, 4])], slots=0) == pytest.approx(16 / 11)
-    # one [ITEM] slot each: (6 * 2 + 4 * 2) / (9 + 6)
-    assert padding_ratio(tokens, [np.array([1, 2]), np.array([3, 4])], slots=1) == pytest.approx(20 / 15)
+    assert padding_ratio(
+        item_tokens, [np.array([1, 2]), np.array([3, 4])], appended_tokens=0
+    ) == pytest.approx(16 / 11)
+    # one [ITEM] token each: (6 * 2 + 4 * 2) / (9 + 6)
+    assert padding_ratio(
+        item_tokens, [np.array([1, 2]), np.array([3, 4])], appended_tokens=1
+    ) == pytest.approx(20 / 15)
 
 
 def test_mfu_uses_the_counted_flops_of_the_uncheckpointed_step():
@@ -40,7 +46,8 @@ def test_mfu_uses_the_counted_flops_of_the_uncheckpointed_step():
 def test_quick_speed_bench_writes_speed_json_and_the_report(shared_data, tmp_path):
     report = tmp_path / "BENCHMARKS.md"
     report.write_text("# Benchmarks\n\n## Serving\n\nkept as it is\n")
-    args = ["bench", "speed", "--quick", "--dataset", str(shared_data / "amazon-scientific")]
+    # ml-100k's short item texts: amazon-scientific's take ~15 s to tokenise, once per process.
+    args = ["bench", "speed", "--quick", "--dataset", str(shared_data / "ml-100k")]
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path), "--report", str(report)])
     assert result.exit_code == 0, result.output
     speed = json.loads((tmp_path / "speed.json").read_text())

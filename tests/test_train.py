@@ -12,11 +12,14 @@ from hllm import train as train_module
 from hllm.config import load_config
 from hllm.data.dataset import prepare_dataset
 from hllm.data.text import pack_items
+from hllm.epoch import LOSS_WINDOW, GuardRails, TrainState
+from hllm.errors import UserError
 from hllm.evaluate import evaluate
 from hllm.models.build import build_model, cache_frozen_items
 from hllm.runs import load_run
-from hllm.train import fit, make_batches
-from tests.conftest import tiny_overrides
+from hllm.train import fit, launch_fabric, make_batches, make_fabric, record_validation
+from hllm.training_log import make_logger
+from tests.support import tiny_overrides
 
 
 def test_overfits_a_deterministic_pattern_to_recall_at_1(cycle_data, tmp_path):
@@ -54,9 +57,9 @@ def test_in_batch_negatives_add_the_batch_items_once(cycle_data, tmp_path):
     extra = {"model__item__train_layers": 1, "train__in_batch_negatives": "true", "train__num_negatives": 3}
     config = load_config(None, tiny_overrides(cycle_data, tmp_path, **extra))
     data = prepare_dataset(config.data)
-    model, tokens = build_model(config, data)
-    cache_frozen_items(model, tokens, batch_size=64, device="cpu")
-    batch = make_batches(config, data, model, tokens)[0]
+    model, item_tokens = build_model(config, data)
+    cache_frozen_items(model, item_tokens, batch_size=64, device="cpu")
+    batch = make_batches(config, data, model, item_tokens)[0]
     assert batch.text is None
     embeddings = model.encode_items(batch.batch_items, None)
     negatives, bank_ids, gather = model._negative_bank(batch, embeddings)
@@ -93,6 +96,52 @@ def test_two_epochs_equal_one_epoch_then_resume(cycle_data, tmp_path, monkeypatc
     assert a["model"].keys() == b["model"].keys()
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+def test_a_resumed_run_continues_the_csv_log_from_its_checkpoint(cycle_data, tmp_path, monkeypatch):
+    """Killed at step 8 before its checkpoint is written (the last one holds step 6): the resumed run
+    keeps the rows up to step 6 as they were and logs steps 7 and 8 once more, so each appears once."""
+    extra = {"train__epochs": 2, "train__checkpoint_every": 2}  # 4 steps an epoch
+    config = load_config(None, tiny_overrides(cycle_data, tmp_path, **extra))
+    log = tmp_path / "tiny" / "logs" / "metrics.csv"
+    real_save = train_module.save_checkpoint
+
+    def die_at_step_8(fabric, path, state):
+        if path.name == "last.ckpt" and state["train_state"]["step"] == 8:
+            raise KeyboardInterrupt
+        real_save(fabric, path, state)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", die_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        fit(config)
+    with open(log, newline="") as f:
+        crashed = list(csv.DictReader(f))
+    assert [row["step"] for row in crashed] == ["1", "2", "3", "4", "4", "5", "6", "7", "8"]  # 4: valid
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    fit(config, resume=True)
+
+    with open(log, newline="") as f:
+        resumed = list(csv.DictReader(f))
+    assert [row["step"] for row in resumed] == ["1", "2", "3", "4", "4", "5", "6", "7", "8", "8"]
+    assert resumed[:7] == crashed[:7]
+    assert resumed[-1]["valid/recall@1"] and not resumed[-2]["valid/recall@1"]
+
+
+def test_a_resumed_tensorboard_log_hides_the_steps_after_its_checkpoint(tmp_path):
+    """Event files are never deleted: the resumed run's events replace those past the checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    checkpoint = tmp_path / "last.ckpt"
+    for attempt, steps in enumerate([range(1, 9), range(7, 10)]):  # killed after step 8, resumed at 6
+        logger = make_logger("tensorboard", tmp_path, checkpoint)
+        for step in steps:
+            logger.log_metrics({"train/loss": step + attempt / 2}, step)
+        logger.finalize("success")
+        torch.save({"train_state": {"step": 6}}, checkpoint)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [(event.step, event.value) for event in events.Scalars("train/loss")]
+    assert logged == [(step, step + (step > 6) / 2) for step in range(1, 10)]
 
 
 def test_checkpoint_round_trip_gives_the_same_metrics(cycle_data, tmp_path):
@@ -164,8 +213,8 @@ def test_guard_rails_warn_on_collapse_and_a_stuck_loss():
         def print(self, message):
             printed.append(message)
 
-    guard = train_module.GuardRails(FakeFabric())
-    for _ in range(2 * train_module.LOSS_WINDOW):
+    guard = GuardRails(FakeFabric())
+    for _ in range(2 * LOSS_WINDOW):
         guard.check({"loss": 6.2, "item_cosine": 0.2})
     guard.end_epoch()
     assert len(printed) == 1 and "has not moved" in printed[0]
@@ -173,8 +222,8 @@ def test_guard_rails_warn_on_collapse_and_a_stuck_loss():
     assert "collapsing" in printed[-1]
 
     printed.clear()
-    learning = train_module.GuardRails(FakeFabric())
-    for step in range(2 * train_module.LOSS_WINDOW):
+    learning = GuardRails(FakeFabric())
+    for step in range(2 * LOSS_WINDOW):
         learning.check({"loss": 6.0 - 0.1 * step, "item_cosine": 0.3})
     learning.end_epoch()
     assert printed == []
@@ -225,3 +274,69 @@ def test_training_options_run_and_count_optimizer_steps(cycle_data, tmp_path, ex
     steps_per_epoch = -(-4 // config.train.accumulate)  # 36 windows / batch 8 -> 4 batches
     assert result["train"]["steps"] == steps_per_epoch
     assert all(value == value for value in result["test"].values())  # no NaN metrics
+
+
+class PrintingFabric:
+    """What `record_validation` needs of Fabric: printing and logging, here recorded."""
+
+    def __init__(self) -> None:
+        self.printed: list[str] = []
+        self.logged: list[dict] = []
+
+    def print(self, message: str) -> None:
+        self.printed.append(message)
+
+    def log_dict(self, metrics: dict, step: int) -> None:
+        self.logged.append(metrics)
+
+
+def test_a_tie_is_no_improvement_and_counts_towards_patience():
+    fabric, state = PrintingFabric(), TrainState()
+    improved = []
+    for epoch, value in enumerate([0.2, 0.3, 0.3, 0.1, 0.35], start=1):
+        state.epoch = epoch
+        improved.append(record_validation(fabric, state, {"recall@1": value}, "recall@1"))
+    assert improved == [True, True, False, False, True]
+    assert (state.best, state.best_epoch, state.bad_epochs) == (0.35, 5, 0)
+    assert [entry["epoch"] for entry in state.valid_history] == [1, 2, 3, 4, 5]
+    assert fabric.logged[2] == {"valid/recall@1": 0.3}
+
+
+def test_a_loss_selects_its_lowest_value_and_no_validation_data_keeps_the_latest():
+    fabric, state = PrintingFabric(), TrainState()
+    losses = [2.0, 1.0, 1.0, 1.5]
+    improved = [record_validation(fabric, state, {"loss": v}, "loss", maximise=False) for v in losses]
+    assert improved == [True, True, False, False] and state.bad_epochs == 2
+    empty = TrainState(epoch=3, bad_epochs=2)
+    assert record_validation(fabric, empty, {}, "loss", maximise=False)
+    assert (empty.best_epoch, empty.bad_epochs) == (3, 0)
+    with pytest.raises(UserError, match="no 'recall@3'"):
+        record_validation(fabric, TrainState(), {"recall@1": 0.5}, "recall@3")
+
+
+def test_tensorboard_logger_writes_event_files(cycle_data, tmp_path):
+    config = load_config(
+        None, tiny_overrides(cycle_data, tmp_path, train__max_steps=2, train__logger="tensorboard")
+    )
+    fit(config)
+    assert list((tmp_path / "tiny" / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "tiny" / "logs").exists()
+
+
+def test_tensorboard_missing_is_a_one_line_error(cycle_data, tmp_path, monkeypatch):
+    from lightning.fabric.loggers import tensorboard
+
+    monkeypatch.setattr(tensorboard, "_TENSORBOARD_AVAILABLE", False)
+    monkeypatch.setattr(tensorboard, "_TENSORBOARDX_AVAILABLE", False)
+    config = load_config(None, tiny_overrides(cycle_data, tmp_path, train__logger="tensorboard"))
+    with pytest.raises(UserError, match="pip install tensorboard") as error:
+        make_fabric(config, tmp_path / "tiny")
+    assert error.value.where == "train.logger"
+
+
+def test_fabric_errors_are_one_line_user_errors():
+    """`launch_fabric` is how every command (training, `hllm creator infer`) starts Fabric."""
+    with pytest.raises(UserError) as error:
+        launch_fabric("creator.infer.devices", accelerator="cpu", strategy="no-such-strategy")
+    assert error.value.where == "creator.infer.devices"
+    assert "no-such-strategy" in error.value.message and "\n" not in error.value.message

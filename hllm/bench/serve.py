@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from hllm.bench.report import write_markdown_section
+from hllm.config import load_config
 from hllm.errors import UserError
 from hllm.files import write_json
 from hllm.serving.export import load_artifact, read_manifest, write_catalogue, write_manifest
@@ -106,7 +107,8 @@ def start_server(
 
 
 async def drive(url: str, histories: list[list[str]], *, clients: int, seconds: float) -> dict:
-    """`clients` concurrent loops of POST /recommend (k=10) for `seconds`; latency percentiles in ms."""
+    """`clients` concurrent loops of POST /recommend (k=10) for `seconds`, after a 1 s warm-up:
+    their latencies (s), errors and elapsed time."""
     latencies: list[float] = []
     errors = 0
 
@@ -130,16 +132,34 @@ async def drive(url: str, histories: list[list[str]], *, clients: int, seconds: 
         started = time.perf_counter()
         await asyncio.gather(*(client(c, http, started + seconds) for c in range(clients)))
         elapsed = time.perf_counter() - started
-    p50, p95, p99 = np.percentile(np.array(latencies) * 1000, [50, 95, 99])
+    return {"latencies": latencies, "errors": errors, "elapsed": elapsed}
+
+
+def summarise(runs: list[dict], clients: int) -> dict:
+    """Percentiles (ms) and throughput over one or more `drive` results."""
+    latencies = np.concatenate([run["latencies"] for run in runs]) * 1000
+    p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
     return {
         "clients": clients,
         "requests": len(latencies),
-        "errors": errors,
-        "rps": len(latencies) / elapsed,
+        "errors": sum(run["errors"] for run in runs),
+        "rps": len(latencies) / sum(run["elapsed"] for run in runs),
         "p50_ms": p50,
         "p95_ms": p95,
         "p99_ms": p99,
     }
+
+
+def compare(
+    urls: dict[str, str], histories: list[list[str]], *, clients: int, seconds: float, rounds: int
+) -> dict[str, dict]:
+    """Each server in turn for seconds / rounds, `rounds` times: on a shared machine every variant
+    sees the same background load, which back-to-back runs would not."""
+    runs: dict[str, list[dict]] = {name: [] for name in urls}
+    for _ in range(rounds):
+        for name, url in urls.items():
+            runs[name].append(asyncio.run(drive(url, histories, clients=clients, seconds=seconds / rounds)))
+    return {name: summarise(done, clients) for name, done in runs.items()}
 
 
 def bench_serve(
@@ -152,36 +172,49 @@ def bench_serve(
     seconds: float,
     report: Path | None = None,
     overrides: list[str] = (),
+    variants: list[list[str]] = ([],),
+    rounds: int = 1,
     command: str = "hllm bench serve",
 ) -> list[dict]:
-    """Every (size, kind, clients) against the real server, added to out/serve.json (a rerun with the
-    same settings replaces its rows) and to the `report` section; `overrides` are serve.* settings for
-    both the recall check and the server."""
+    """Every (size, kind, clients, variant) against the real server, added to out/serve.json (a rerun
+    with the same settings replaces its rows) and to the `report` section. `overrides` are serve.*
+    settings for the recall check and every server; each variant adds its own and gets its own
+    server, all up at once and driven in turn (`rounds` times per level)."""
     histories = load_artifact(artifact, verify=False).histories
     path = out / "serve.json"
     records = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
     for size in sizes:
         folder = scale_artifact(Path(artifact), out / f"catalogue-{size}", size)
         for kind in kinds:
-            # builds and saves the index the server then reads
+            # builds and saves the index the servers then read
             loaded = load_artifact(folder, list(overrides))
             built = index_artifact(loaded, kind)
             settings = settings_of(loaded.config.serve, kind)
             del settings["kind"]
-            process, url = start_server(folder, kind, overrides=list(overrides))
+            servers: dict[str, tuple[subprocess.Popen, str]] = {}
             try:
+                for variant in variants:
+                    servers[" ".join(variant)] = start_server(folder, kind, overrides=[*overrides, *variant])
                 for level in clients:
-                    result = asyncio.run(drive(url, histories, clients=level, seconds=seconds))
-                    row = {"items": size, "index": kind, "settings": settings, **result, "command": command}
-                    row["precision"] = loaded.config.serve.precision
-                    row |= {"recall@10": built["recall@10"], "build_s": built["build_s"]}
-                    same = ("items", "index", "settings", "precision", "clients")
-                    records = [r for r in records if any(r.get(key) != row[key] for key in same)] + [row]
-                    write_json(path, records)
-                    print(json.dumps(row), flush=True)
+                    urls = {name: url for name, (_, url) in servers.items()}
+                    results = compare(urls, histories, clients=level, seconds=seconds, rounds=rounds)
+                    for name, result in results.items():
+                        serve = load_config(folder / "config.yaml", [*overrides, *name.split()]).serve
+                        row = {"items": size, "index": kind, "settings": settings, "variant": name, **result}
+                        row |= {"precision": serve.precision, "history_window": serve.history_window}
+                        row |= {
+                            "recall@10": built["recall@10"],
+                            "build_s": built["build_s"],
+                            "command": command,
+                        }
+                        same = ("items", "index", "settings", "precision", "variant", "clients")
+                        records = [r for r in records if any(r.get(key) != row[key] for key in same)] + [row]
+                        write_json(path, records)
+                        print(json.dumps(row), flush=True)
             finally:
-                process.terminate()
-                process.wait(timeout=30)
+                for process, _ in servers.values():
+                    process.terminate()
+                    process.wait(timeout=30)
     if report is not None:
         write_markdown_section(report, HEADING, serving_section(records))
     return records
@@ -196,11 +229,13 @@ def serving_section(records: list[dict]) -> str:
     order = {"exact": 0, "hnsw": 1, "ivf": 2}
 
     def place(r: dict) -> tuple:
-        return r["items"], order[r["index"]], str(r.get("settings")), r.get("precision", "fp32"), r["clients"]
+        settings = str(r.get("settings")), r.get("precision", "fp32"), r.get("variant", "")
+        return r["items"], order[r["index"]], *settings, r["clients"]
 
     for r in sorted(records, key=place):
         index = r["index"] + "".join(f" {k.split('_', 1)[1]}={v}" for k, v in r.get("settings", {}).items())
         index += " bf16" if r.get("precision") == "bf16" else ""
+        index += f" ({r['variant']})" if r.get("variant") else ""
         rows.append(
             f"| {r['items']:,} | {index} | {r['recall@10']:.3f} | {r['clients']} | {r['requests']} | "
             f"{r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |"

@@ -2,7 +2,7 @@
 
 - Item encoding: packed rows vs one item per row padded to the batch's longest item vs padded to
   the cap, in fp32 and bf16, per text cap, on random batches of catalogue items (as training draws
-  them), with the padding ratio (padded-to-longest tokens / real tokens) that bounds what packing
+  them), with the padding ratio (padded-to-longest item_tokens / real item_tokens) that bounds what packing
   can gain.
 - A training step per item-side mode, with and without gradient checkpointing: sequences/s, the
   time spent building the batch, peak RSS (each setting in a fresh process), and MFU: the step's
@@ -41,7 +41,6 @@ from hllm.models.item_encoder import ItemEncoder
 HEADING = "## Speed"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = ("packed", "padded_longest", "padded_max")
-GEMM_SIZE = 2048
 
 
 def _attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -68,12 +67,14 @@ class SpeedSettings:
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     modes: tuple[str, ...] = ("finetune", "lora", "frozen")
     batch_items: int = 32  # items per encoding batch
-    seconds: float = 4.0  # per encoding measurement (at least two batches)
+    seconds: float = 4.0  # per encoding (at least two batches) and matmul-peak measurement
     train_cap: int = 64  # the default data.max_text_tokens
     train_batch: int = 8  # sequences per training step
     train_negatives: int = 64
     train_steps: int = 3  # timed steps, after one warm-up step
     user_backbone: str = "small-llama"
+    gemm_size: int = 2048  # the square matmul whose FLOP/s is the MFU peak
+    fresh_process: bool = True  # each training setting in its own process, for its peak RSS
 
 
 def quick_settings(dataset: str) -> SpeedSettings:
@@ -91,6 +92,8 @@ def quick_settings(dataset: str) -> SpeedSettings:
         train_negatives=8,
         train_steps=1,
         user_backbone="tiny-llama",
+        gemm_size=256,  # a 2048 bf16 GEMM takes minutes on a CPU without native bf16
+        fresh_process=False,  # a spawned process spends far longer importing than measuring
     )
 
 
@@ -101,16 +104,16 @@ def count_flops(run) -> int:
     return counter.get_total_flops()
 
 
-def gemm_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
+def gemm_peak(dtype: torch.dtype, size: int, seconds: float) -> float:
     """FLOP/s of a large square matmul in `dtype`: the practical peak MFU is measured against."""
-    a = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
-    b = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
     a @ b  # warm-up
     runs, start = 0, time.perf_counter()
     while runs < 3 or time.perf_counter() - start < seconds:
         a @ b
         runs += 1
-    return 2 * GEMM_SIZE**3 * runs / (time.perf_counter() - start)
+    return 2 * size**3 * runs / (time.perf_counter() - start)
 
 
 def random_batches(num_items: int, batch_items: int, count: int, seed: int) -> list[np.ndarray]:
@@ -119,11 +122,11 @@ def random_batches(num_items: int, batch_items: int, count: int, seed: int) -> l
     return [rng.choice(np.arange(1, num_items), size=batch_items, replace=False) for _ in range(count)]
 
 
-def padding_ratio(tokens: ItemTokens, batches: list[np.ndarray], slots: int) -> float:
+def padding_ratio(item_tokens: ItemTokens, batches: list[np.ndarray], appended_tokens: int) -> float:
     """Tokens of the batches padded to their longest item / their real tokens."""
     padded = real = 0
     for ids in batches:
-        lengths = tokens.lengths[ids] + slots
+        lengths = item_tokens.lengths[ids] + appended_tokens
         padded += int(lengths.max()) * len(ids)
         real += int(lengths.sum())
     return padded / real
@@ -131,14 +134,14 @@ def padding_ratio(tokens: ItemTokens, batches: list[np.ndarray], slots: int) -> 
 
 @torch.no_grad()
 def time_encoding(
-    encoder: ItemEncoder, tokens: ItemTokens, batches: list[np.ndarray], seconds: float
+    encoder: ItemEncoder, item_tokens: ItemTokens, batches: list[np.ndarray], seconds: float
 ) -> dict[str, float]:
     """Encode the batches in order (one warm-up) until `seconds` pass; real items and tokens/s."""
-    encoder(pack_items(tokens, batches[0], slots=encoder.slots))
+    encoder(pack_items(item_tokens, batches[0], appended_tokens=encoder.appended_tokens))
     items = real = 0
     start = time.perf_counter()
     for count, ids in enumerate(batches[1:], 1):
-        packed = pack_items(tokens, ids, slots=encoder.slots)
+        packed = pack_items(item_tokens, ids, appended_tokens=encoder.appended_tokens)
         encoder(packed)
         items, real = items + len(ids), real + int(packed.lengths.sum())
         elapsed = time.perf_counter() - start
@@ -150,20 +153,23 @@ def time_encoding(
 def bench_encoding(settings: SpeedSettings, texts: list[str], backbone: str, done: set) -> list[dict]:
     """Every (dtype, cap, layout) of one backbone not in `done`."""
     records = []
+    tokenized: dict[int, ItemTokens] = {}  # per cap: the tokens do not depend on the dtype
     for dtype in settings.dtypes:
         loaded = load_backbone(backbone, dtype=DTYPES[dtype])
         encoder = ItemEncoder(loaded, pooling="mean").eval()
         for cap in settings.caps:
-            tokens = tokenize_items(texts, loaded.tokenizer, cap)
-            batches = random_batches(len(tokens), settings.batch_items, 64, seed=cap)
-            ratio = padding_ratio(tokens, batches, encoder.slots)
+            if cap not in tokenized:
+                tokenized[cap] = tokenize_items(texts, loaded.tokenizer, cap)
+            item_tokens = tokenized[cap]
+            batches = random_batches(len(item_tokens), settings.batch_items, 64, seed=cap)
+            ratio = padding_ratio(item_tokens, batches, encoder.appended_tokens)
             for layout in LAYOUTS:
                 key = ("encode", backbone, dtype, cap, layout)
                 if key in done:
                     continue
                 encoder.layout = "packed" if layout == "packed" else "padded"
-                encoder.pad_width = cap + encoder.slots if layout == "padded_max" else 0
-                measured = time_encoding(encoder, tokens, batches, settings.seconds)
+                encoder.pad_width = cap + encoder.appended_tokens if layout == "padded_max" else 0
+                measured = time_encoding(encoder, item_tokens, batches, settings.seconds)
                 records.append(
                     {
                         "kind": "encode",
@@ -214,12 +220,12 @@ def train_step_worker(settings: SpeedSettings, backbone: str, mode: str, checkpo
     torch.manual_seed(0)
     config = _train_config(settings, backbone, mode, checkpointing)
     data = prepare_dataset(config.data)
-    model, tokens = build_model(config, data)
+    model, item_tokens = build_model(config, data)
     if model.frozen_items:
         # The frozen step reads a cached catalogue table; its values do not change the step's cost,
         # so a random table of the right shape stands in for encoding the whole catalogue here.
         model.cache_items(torch.randn(data.num_items, model.item_encoder.hidden_size))
-    batches = make_batches(config, data, model, tokens)
+    batches = make_batches(config, data, model, item_tokens)
     optimizer = make_optimizer(model, config)
     model.train()
 
@@ -259,8 +265,12 @@ def bench_training(settings: SpeedSettings, backbone: str, done: set) -> list[di
             key = ("train", backbone, mode, checkpointing)
             if key in done or (mode == "frozen" and checkpointing):
                 continue  # a frozen item side runs no Item LLM in the step: nothing to checkpoint
-            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                measured = pool.submit(train_step_worker, settings, backbone, mode, checkpointing).result()
+            args = (settings, backbone, mode, checkpointing)
+            if settings.fresh_process:
+                with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                    measured = pool.submit(train_step_worker, *args).result()
+            else:
+                measured = train_step_worker(*args)
             records.append(
                 {
                     "kind": "train",
@@ -283,17 +293,17 @@ def bench_eval(settings: SpeedSettings, data: SequenceData, backbone: str, *, fu
     from hllm.models.build import build_model
 
     config = _train_config(settings, backbone, "finetune", False)
-    model, tokens = build_model(config, data)
+    model, item_tokens = build_model(config, data)
     model.eval()
     size = config.eval.item_batch_size
     count = data.num_items
     if not full:
         start = time.perf_counter()
-        item_table(model, min(size, count), tokens, batch_size=size)  # how long one chunk takes
+        item_table(model, min(size, count), item_tokens, batch_size=size)  # how long one chunk takes
         per_chunk = time.perf_counter() - start
         count = min(count, size * max(1, round(settings.seconds / per_chunk)))
     start = time.perf_counter()
-    table = item_table(model, count, tokens, batch_size=size)
+    table = item_table(model, count, item_tokens, batch_size=size)
     record = {"kind": "eval", "backbone": backbone, "cap": settings.train_cap, "items": count}
     record["items_per_s"] = count / (time.perf_counter() - start)
     if full:
@@ -331,7 +341,8 @@ def run_speed(settings: SpeedSettings, out: Path, *, report: Path | None, comman
     done = {record_key(r) for r in records}
     for dtype in settings.dtypes:
         if ("peak", dtype) not in done:
-            keep([{"kind": "peak", "dtype": dtype, "flops_per_s": gemm_peak(DTYPES[dtype])}])
+            peak = gemm_peak(DTYPES[dtype], settings.gemm_size, settings.seconds)
+            keep([{"kind": "peak", "dtype": dtype, "flops_per_s": peak}])
     data = prepare_dataset(load_config(None, [f"data.path={settings.dataset}"]).data)
     texts = list(data.item_text)
     for number, backbone in enumerate(settings.backbones):
@@ -405,13 +416,14 @@ def speed_section(summary: dict) -> str:
     records = summary["records"]
     m = summary["machine"]
     peaks = summary["gemm_peak_flops_per_s"]
+    size = summary["settings"]["gemm_size"]
     lines = [
         f"On {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}, "
         f"avx512_bf16 {'yes' if m['avx512_bf16'] else 'no'}, from:",
         "",
         f"    {summary['command']}",
         "",
-        f"Matmul peak (a {GEMM_SIZE}x{GEMM_SIZE} GEMM, same run): "
+        f"Matmul peak (a {size}x{size} GEMM, same run): "
         + ", ".join(f"{dtype} {flops / 1e9:.0f} GFLOP/s" for dtype, flops in peaks.items())
         + ".",
         "",

@@ -38,17 +38,27 @@ def build_data_command(
     overrides: Overrides = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Users to sample (0 = all).")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Also ask the LLM verifier.")] = False,
-    backend: Backend = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            "--backend", help="grounded (the item's own text, no LLM), local (transformers) or openai (HTTP)."
+        ),
+    ] = None,
+    polish: Annotated[
+        str | None,
+        typer.Option("--polish", help="grounded: reword each title with this LLM backend (local or openai)."),
+    ] = None,
     model: Model = None,
     base_url: BaseUrl = None,
     config: Config = None,
 ) -> None:
-    """Profile users, rewrite titles for them, filter hallucinations: DIR/rows.parquet + report.json."""
+    """Profile users, title items for them, filter hallucinations: DIR/rows.parquet + report.json."""
     from hllm.creator.data.teacher import build_data
 
     flags = _llm_overrides("teacher", backend, model, base_url)
     flags += [f"creator.data.limit={limit}"] if limit is not None else []
     flags += ["creator.data.verify=true"] if verify else []
+    flags += [f"creator.data.polish={polish}"] if polish is not None else []
     run = load_config(config, [f"data.path={dataset}", *flags, *(overrides or [])])
     report = build_data(run.data, run.creator.data, run.creator.teacher, out)
     Console().print(_build_table(report, out))
@@ -249,15 +259,21 @@ def evaluation_table(result: dict) -> Table:
     from hllm.creator.evaluate import VARIANTS
 
     table = Table(title=f"Creator titles vs original, {result['rows']} held-out rows")
-    table.add_column("metric")
+    table.add_column("metric", no_wrap=True)
     for variant in VARIANTS:
         table.add_column(variant.replace("_", " "), justify="right")
     for key in result[VARIANTS[0]]:
         values = [result[variant][key] for variant in VARIANTS]
-        table.add_row(
-            key.replace("_", " "), *(f"{v:+.4f}" if isinstance(v, float) else str(v) for v in values)
-        )
+        table.add_row(key.replace("_", " "), *map(_figure, values))
     return table
+
+
+def _figure(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:+.4f}"
+    if isinstance(value, list):  # an interval
+        return "[" + ", ".join(f"{v:+.4f}" for v in value) + "]"
+    return str(value)
 
 
 @creator_app.command("demo")
@@ -265,7 +281,8 @@ def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Demo folder (resumed when it exists).")] = Path(
         "runs/creator-demo"
     ),
-    limit: Annotated[int, typer.Option("--limit", help="amazon-scientific users sent to the teacher.")] = 150,
+    limit: Annotated[int, typer.Option("--limit", help="amazon-scientific users given titles.")] = 1200,
+    show: Annotated[int, typer.Option("--show", help="Held-out users printed side by side.")] = 5,
 ) -> None:
     """The whole Creator path on amazon-scientific: build data, train, cluster, generate, evaluate."""
     import pandas as pd
@@ -275,14 +292,13 @@ def demo_command(
     console = Console()
     result = run_creator_demo(out, limit=limit, console=console)
     console.print(evaluation_table(result))
-    examples = pd.read_parquet(out / "eval" / "generated.parquet").head(5)
-    table = Table(
-        title="held-out users: original title -> Creator title (own user / a random user's embedding)"
-    )
-    for column in ("user", "original", "full", "random user"):
+    examples = pd.read_parquet(out / "eval" / "generated.parquet").head(show)
+    table = Table(title="held-out users: the same item, titled with their embedding and a random user's")
+    for column in ("user: recent items", "original title", "their title", "a random user's title"):
         table.add_column(column)
     for row in examples.itertuples():
-        table.add_row(row.user_id, row.original_title, row.full, row.random_user)
+        recent = "\n".join(row.history.splitlines()[-3:])
+        table.add_row(f"{row.user_id}:\n{recent}", row.original_title, row.full, row.random_user)
     console.print(table)
     seconds = result["seconds"]
     console.print(

@@ -1,9 +1,9 @@
 """`hllm creator demo`: the whole Creator path on a slice of amazon-scientific, offline on a CPU.
 
-build-data (local SmolLM2 teacher) -> a short HLLM run (frozen MiniLM items) -> Creator training
--> cluster-level inference for the held-out users' items -> evaluation with the ablations.
-Every step resumes what OUT already holds. Writes OUT/metrics.json: {"full", "random_user",
-"no_user"} figures plus each step's seconds.
+build-data (the grounded teacher: titles from each item's own text, no LLM) -> a short HLLM run
+(frozen MiniLM items) -> Creator training -> cluster-level inference for a few held-out items ->
+evaluation with the ablations and a second judge. Every step resumes what OUT already holds.
+Writes OUT/metrics.json: {"full", "random_user", "no_user"} figures plus each step's seconds.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from hllm.bench.run import DATASETS, HLLM_FROZEN
-from hllm.config import CreatorDataConfig, LLMConfig, load_config
+from hllm.bench.recipes import recipe_path
+from hllm.bench.run import dataset_overrides
+from hllm.config import load_config
 from hllm.creator.data.stages import claim_folder
 from hllm.creator.data.teacher import build_data
 from hllm.creator.evaluate import evaluate_creator
@@ -26,12 +27,11 @@ from hllm.train import fit
 
 CREATOR_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "creator-demo.yaml"
 HLLM_EPOCHS = 2  # measured ~1 minute each on 2 cores; the bench's best epoch is later, but the demo is short
-JUDGE = LLMConfig(backend="local", model="smollm2-135m", max_new_tokens=8)
+INFER_ITEMS = 8  # cluster titles for a few held-out items: the evaluation judges the rest
 
 
-def run_creator_demo(out: str | Path = "runs/creator-demo", *, limit: int = 150, console: Console) -> dict:
+def run_creator_demo(out: str | Path = "runs/creator-demo", *, limit: int, console: Console) -> dict:
     out, timings = Path(out), {}
-    path, data_overrides = DATASETS["amazon-scientific"]
 
     def timed(name: str, step):
         started = time.perf_counter()
@@ -41,34 +41,42 @@ def run_creator_demo(out: str | Path = "runs/creator-demo", *, limit: int = 150,
         return value
 
     hllm_config = load_config(
-        None,
-        [f"data.path={path}", *data_overrides, "model.item.backbone=minilm", *HLLM_FROZEN]
-        + [f"train.epochs={HLLM_EPOCHS}", "name=hllm", f"out_dir={out}"],
+        recipe_path("hllm-minilm-frozen"),
+        [
+            *dataset_overrides("amazon-scientific"),
+            f"train.epochs={HLLM_EPOCHS}",
+            "name=hllm",
+            f"out_dir={out}",
+        ],
     )
-    report = timed(
-        "build-data",
-        lambda: build_data(hllm_config.data, CreatorDataConfig(limit=limit), LLMConfig(), out / "data"),
-    )
-    console.print(f"{report['kept']} of {report['rows']} rewrites kept by the hallucination filter")
-    timed("hllm train", lambda: fit(hllm_config, resume=True))
-    hllm = timed("hllm load", lambda: load_run(out / "hllm"))
     creator_config = load_config(
         CREATOR_CONFIG,
         [
             f"out_dir={out}",
             "name=creator",
+            f"creator.data.limit={limit}",
             f"creator.model.hllm_run={out / 'hllm'}",
             f"creator.train.rows={out / 'data' / 'rows.parquet'}",
         ],
     )
+    creator = creator_config.creator
+    report = timed(
+        "build-data", lambda: build_data(hllm_config.data, creator.data, creator.teacher, out / "data")
+    )
+    console.print(f"{report['kept']} of {report['rows']} titles kept by the hallucination filter")
+    timed("hllm train", lambda: fit(hllm_config, resume=True))
+    hllm = timed("hllm load", lambda: load_run(out / "hllm"))
     timed("creator train", lambda: fit_creator(creator_config, resume=True, hllm=hllm))
     run = load_creator(out / "creator", hllm=hllm)
-    items = sorted(set(run.rows.loc[run.rows["user_id"].isin(run.held_out), "item_id"]))
+    items = sorted(set(run.rows.loc[run.rows["user_id"].isin(run.held_out), "item_id"]))[:INFER_ITEMS]
     claim_folder(out / "infer", {"run": str((out / "creator").resolve()), "items": items})
     inference = timed(
         "infer", lambda: (embed_shards(run, out / "infer"), infer(run, out / "infer", items=items))[1]
     )
-    result = timed("evaluate", lambda: evaluate_creator(run, out / "eval", judge=JUDGE))
+    result = timed(
+        "evaluate",
+        lambda: evaluate_creator(run, out / "eval", limit=creator.eval.limit, seed=creator.eval.seed),
+    )
     result |= {"infer": inference, "seconds": timings, "build_data": {k: report[k] for k in ("rows", "kept")}}
     write_json(out / "metrics.json", result)
     return result

@@ -1,7 +1,7 @@
 """`hllm creator evaluate`: Creator titles for held-out users, judged three ways, with the ablations.
 
 Variants: `full` (the user's own embedding), `random_user` (another held-out user's embedding)
-and `no_user` (no [USER] slot). Judges:
+and `no_user` (no [USER] position). Judges:
 - the hallucination filter (share of titles it rejects);
 - HLLM as judge: the trained HLLM encodes a title as the item's text with that title and scores it
   against the user's HLLM embedding. `wins_over_original`: share of rows whose title outscores the
@@ -12,17 +12,22 @@ and `no_user` (no [USER] slot). Judges:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from sklearn.feature_extraction.text import TfidfVectorizer
 from torch import Tensor
 
 from hllm.config import LLMConfig
+from hllm.creator.data.grounded import PhraseEncoder
 from hllm.creator.data.judge import judge_titles
-from hllm.creator.infer.generation import Catalogue, generate_titles, user_slots
+from hllm.creator.infer.generation import ItemFacts, generate_titles, project_users
 from hllm.creator.model.dataset import history_before
-from hllm.creator.model.model import left_pad
+from hllm.creator.model.model import pad_histories
 from hllm.creator.model.training import CreatorRun
 from hllm.data.dataset import TITLE_FIELDS
 from hllm.data.formats import locate, read_source
@@ -59,7 +64,7 @@ class TitleScorer:
     @torch.no_grad()
     def users(self, histories: list[np.ndarray]) -> Tensor:
         """The HLLM's user embeddings (B, D) (its prediction of the next item)."""
-        padded = left_pad(histories, self.hllm.config.data.max_history).to(self.table.device)
+        padded = pad_histories(histories, self.hllm.config.data.max_history).to(self.table.device)
         return self.hllm.model.encode_users(padded, self.table)
 
     @torch.no_grad()
@@ -69,10 +74,51 @@ class TitleScorer:
         table = self.items.reindex(item_ids).reset_index(drop=True)
         table[self.title_field] = titles
         texts = build_item_text(table, self.fields, config.prompt, config.field_separator).tolist()
-        tokens = tokenize_items(texts, self.tokenizer, config.max_text_tokens)
+        item_tokens = tokenize_items(texts, self.tokenizer, config.max_text_tokens)
         model = self.hllm.model
-        packed = pack_items(tokens, np.arange(len(texts)), slots=model.item_slots).to(self.table.device)
+        packed = pack_items(item_tokens, np.arange(len(texts)), appended_tokens=model.appended_tokens).to(
+            self.table.device
+        )
         return model.encode_items(torch.arange(len(texts), device=self.table.device), packed)
+
+
+@dataclass
+class TextJudge:
+    """A judge the Creator never trained against: a user is the mean embedding of their last
+    history titles, a title scores its embedding's dot product with that."""
+
+    name: str
+    embed: Callable[[list[str]], Tensor]  # texts -> (B, D) normalised
+    item_titles: np.ndarray  # internal item id -> display title
+    history: int = 10
+
+    def users(self, histories: list[np.ndarray]) -> Tensor:
+        vectors = [
+            self.embed([str(self.item_titles[i]) for i in h[-self.history :]]).mean(0) for h in histories
+        ]
+        return F.normalize(torch.stack(vectors), dim=-1)
+
+    def titles(self, titles: list[str]) -> Tensor:
+        return self.embed(titles)
+
+
+def second_judge(run: CreatorRun, catalogue: ItemFacts) -> TextJudge | None:
+    """`creator.eval.judge_encoder`: tfidf (word overlap), an encoder spec (mean-pooled), other (the
+    shipped encoder the HLLM run does not read) or none."""
+    spec = run.config.creator.eval.judge_encoder
+    titles = run.hllm.data.item_titles
+    if spec == "none":
+        return None
+    if spec == "tfidf":
+        corpus = catalogue.items["title"] + " " + catalogue.items["selling_points"]
+        vectoriser = TfidfVectorizer(max_features=4096, sublinear_tf=True).fit(corpus)
+        return TextJudge(
+            "tfidf", lambda texts: torch.from_numpy(vectoriser.transform(texts).toarray()).float(), titles
+        )
+    if spec == "other":
+        spec = "smollm2-135m" if run.hllm.config.model.item.backbone == "minilm" else "minilm"
+    encoder = PhraseEncoder(load_backbone(spec), batch_size=64)
+    return TextJudge(spec, lambda texts: torch.from_numpy(encoder.encode(texts)), titles)
 
 
 def _scorer(run: CreatorRun) -> TitleScorer:
@@ -86,16 +132,41 @@ def _scorer(run: CreatorRun) -> TitleScorer:
     )
 
 
-def variant_metrics(
-    own: Tensor, other: Tensor, titles: Tensor, originals: Tensor, rejected: list[bool], identical: list[bool]
-) -> dict[str, float]:
-    """The table's figures for one variant from (B, D) user, title and original embeddings."""
+def bootstrap_interval(values: np.ndarray, *, resamples: int, seed: int) -> list[float]:
+    """95% percentile bootstrap interval [low, high] of the mean of `values`, resampling rows."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(1)
+    return [round(float(q), 6) for q in np.percentile(means, [2.5, 97.5])]
+
+
+def judged(
+    own: Tensor, other: Tensor, titles: Tensor, originals: Tensor, *, resamples: int = 1000, seed: int = 0
+) -> dict:
+    """One judge's figures from (B, D) user, other user, title and original embeddings."""
     gain_own = ((own * titles).sum(-1) - (own * originals).sum(-1)).float()  # (B,)
     gain_other = ((other * titles).sum(-1) - (other * originals).sum(-1)).float()
+    lift = (gain_own - gain_other).numpy()
     return {
         "wins_over_original": float((gain_own > 0).float().mean()),
         "mean_gain": float(gain_own.mean()),
-        "personalisation_lift": float((gain_own - gain_other).mean()),
+        "personalisation_lift": float(lift.mean()),
+        "personalisation_lift_ci": bootstrap_interval(lift, resamples=resamples, seed=seed),
+    }
+
+
+def variant_metrics(
+    own: Tensor,
+    other: Tensor,
+    titles: Tensor,
+    originals: Tensor,
+    rejected: list[bool],
+    identical: list[bool],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """The HLLM judge's figures for one variant, with the filter's hallucination rate."""
+    return judged(own, other, titles, originals, resamples=resamples, seed=seed) | {
         "hallucination_rate": float(np.mean(rejected)),
         "identical_to_original": float(np.mean(identical)),
     }
@@ -114,11 +185,11 @@ def evaluate_creator(
         history_before(data, data.user_index(user), data.item_index(item))
         for user, item in zip(rows["user_id"], rows["item_id"], strict=True)
     ]
-    catalogue = Catalogue.read(run.hllm.config.data, run.config.creator.data.fact_chars)
+    catalogue = ItemFacts.read(run.hllm.config.data, run.config.creator.data.fact_chars)
     facts = [catalogue.facts(item) for item in rows["item_id"]]
-    own_slots = user_slots(run.model, histories, max_history, batch_size=settings.batch_size)
+    own_projected = project_users(run.model, histories, max_history, batch_size=settings.batch_size)
     random_user = other_rows(len(rows), seed)
-    slots = {"full": own_slots, "random_user": own_slots[random_user], "no_user": None}
+    projected = {"full": own_projected, "random_user": own_projected[random_user], "no_user": None}
     generated = rows[
         ["user_id", "item_id", "original_title", "selling_points", "history", "interests"]
     ].copy()
@@ -126,7 +197,7 @@ def evaluate_creator(
         titles = generate_titles(
             run.model,
             facts,
-            slots[variant],
+            projected[variant],
             batch_size=settings.generate_batch,
             max_new_tokens=settings.max_new_tokens,
             temperature=0.0,
@@ -137,9 +208,16 @@ def evaluate_creator(
 
     scorer = _scorer(run)
     own = scorer.users(histories)
-    other = own[torch.as_tensor(other_rows(len(rows), seed + 1))]
+    others = torch.as_tensor(other_rows(len(rows), seed + 1))
+    other = own[others]
     originals = scorer.titles(list(generated["item_id"]), list(generated["original_title"]))
+    second = second_judge(run, catalogue)
     result: dict = {"rows": len(rows), "users": int(rows["user_id"].nunique())}
+    result["second_judge"] = second.name if second else "none"
+    if second is not None:
+        second_own = second.users(histories)
+        second_originals = second.titles(list(generated["original_title"]))
+    resamples = run.config.creator.eval.bootstrap
     for variant in VARIANTS:
         verdicts = [
             catalogue.check(item, title, allowed_text=" ".join(interests))
@@ -152,9 +230,23 @@ def evaluate_creator(
             for t, o in zip(generated[variant], generated["original_title"], strict=True)
         ]
         embedded = scorer.titles(list(generated["item_id"]), list(generated[variant]))
+        rejected = [not v.kept for v in verdicts]
         result[variant] = variant_metrics(
-            own, other, embedded, originals, [not v.kept for v in verdicts], identical
+            own, other, embedded, originals, rejected, identical, resamples=resamples, seed=seed
         )
+        result[variant]["differs_from_random_user"] = float(
+            (generated[variant] != generated["random_user"]).mean()
+        )
+        if second is not None:
+            scores = judged(
+                second_own,
+                second_own[others],
+                second.titles(list(generated[variant])),
+                second_originals,
+                resamples=resamples,
+                seed=seed,
+            )
+            result[variant] |= {f"second_judge_{key}": value for key, value in scores.items()}
         if judge is not None:
             # a folder per set of titles: a judge folder resumes its answers by (user, item)
             folder = out / f"judge-{variant}-{hash_json(list(generated[variant]))[:8]}"

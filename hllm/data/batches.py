@@ -69,21 +69,23 @@ def left_pad(rows: list[np.ndarray], max_width: int, *, dtype: type = np.int64) 
 
 
 def training_windows(data: SequenceData, max_history: int) -> np.ndarray:
-    """(W, 3) rows of (user, start, end): windows of at most L+1 items over each training sequence.
+    """(W, 3) rows of (user, start, end): windows of at most L+1 items over each training sequence,
+    as positions in the concatenated training sequences (`data.items[data.holdout.train_positions]`).
 
     Windows end at the last training item and step back by L, overlapping by one item, so every
     transition of the training sequence is trained exactly once (the reference dropped the earliest
     items and the transitions across window boundaries).
     """
-    lengths = np.diff(data.offsets) - 2  # the last two items are validation and test
+    train_offsets = data.holdout.train_offsets(data.offsets)
+    lengths = np.diff(train_offsets)
     users = np.flatnonzero(lengths >= 2)
     counts = -(-(lengths[users] - 1) // max_history)  # ceil((n - 1) / L) windows per user
     user_of_window = np.repeat(users, counts)
     first = np.zeros(len(users), dtype=np.int64)
     np.cumsum(counts[:-1], out=first[1:])
     back = np.arange(counts.sum()) - np.repeat(first, counts)  # 0 for the most recent window
-    end = data.offsets[user_of_window] + lengths[user_of_window] - back * max_history
-    start = np.maximum(end - max_history - 1, data.offsets[user_of_window])
+    end = train_offsets[user_of_window] + lengths[user_of_window] - back * max_history
+    start = np.maximum(end - max_history - 1, train_offsets[user_of_window])
     return np.stack([user_of_window, start, end], axis=1)
 
 
@@ -91,7 +93,8 @@ class TrainBatches(Dataset):
     """Map-style dataset of whole batches, so every batch's randomness depends only on
     (seed, epoch, batch number): resuming at an epoch boundary replays exactly, with any worker count.
 
-    Each process (rank) reads batches rank, rank + world, ... of the same shuffled order.
+    Each process (rank) reads batches rank, rank + world, ... of the same shuffled order. Only the
+    protocol's training sequences are read, and negatives never include its held-out (new) items.
     """
 
     def __init__(
@@ -103,18 +106,22 @@ class TrainBatches(Dataset):
         num_negatives: int,
         seed: int,
         item_tokens: ItemTokens | None = None,
-        slots: int = 0,
+        appended_tokens: int = 0,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         self.data = data
+        positions = data.holdout.train_positions
+        self.train_items = data.items[positions]
+        self.train_times = None if data.timestamps is None else data.timestamps[positions]
         self.windows = training_windows(data, max_history)
+        self.negative_pool = np.setdiff1d(np.arange(1, data.num_items), data.holdout.held_out)
         self.max_history = max_history
         self.batch_size = batch_size
         self.num_negatives = num_negatives
         self.seed = seed
         self.item_tokens = item_tokens
-        self.slots = slots
+        self.appended_tokens = appended_tokens
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
@@ -132,17 +139,16 @@ class TrainBatches(Dataset):
         batch_number = index * self.world_size + self.rank
         chosen = self._order()[batch_number * self.batch_size : (batch_number + 1) * self.batch_size]
         spans = self.windows[chosen]
-        items = left_pad([self.data.items[start:end] for _, start, end in spans], self.max_history + 1)
+        items = left_pad([self.train_items[start:end] for _, start, end in spans], self.max_history + 1)
         rng = np.random.default_rng([self.seed, self.epoch, batch_number, 1])
-        # K distinct negatives, uniform over the catalogue, never PAD. A user's own items are
-        # masked per row in the loss, not here: excluding the union of a batch's items would
-        # starve small catalogues and under-sample popular items.
-        num_real = self.data.num_items - 1
-        k = min(max(self.num_negatives, 0), num_real)
-        negatives = np.sort(rng.choice(num_real, size=k, replace=False) + 1)
+        # K distinct negatives, uniform over the catalogue less the held-out items, never PAD. A
+        # user's own items are masked per row in the loss, not here: excluding the union of a
+        # batch's items would starve small catalogues and under-sample popular items.
+        k = min(max(self.num_negatives, 0), len(self.negative_pool))
+        negatives = np.sort(rng.choice(self.negative_pool, size=k, replace=False))
         times = None
-        if self.data.timestamps is not None:
-            rows = [self.data.timestamps[start:end] for _, start, end in spans]
+        if self.train_times is not None:
+            rows = [self.train_times[start:end] for _, start, end in spans]
             times = torch.from_numpy(left_pad(rows, self.max_history + 1, dtype=np.float64))
         return self.collate(items, negatives, times)
 
@@ -153,7 +159,7 @@ class TrainBatches(Dataset):
         item_index[items == PAD_ID] = 0
         text = None
         if self.item_tokens is not None:
-            text = pack_items(self.item_tokens, batch_items, slots=self.slots)
+            text = pack_items(self.item_tokens, batch_items, appended_tokens=self.appended_tokens)
         return TrainBatch(
             items=torch.from_numpy(items),
             mask=torch.from_numpy(items[:, :-1] != PAD_ID),
@@ -166,19 +172,15 @@ class TrainBatches(Dataset):
         )
 
 
-def target_positions(data: SequenceData, split: Literal["valid", "test"]) -> np.ndarray:
-    """Position in `data.items` of each user's target under leave-one-out (its history precedes it)."""
-    return data.offsets[1:] - (2 if split == "valid" else 1)
-
-
 def eval_batches(data: SequenceData, split: Literal["valid", "test"], *, batch_size: int, max_history: int):
-    """Yield EvalBatch chunks over all users: history = everything before the split's target.
+    """Yield EvalBatch chunks over the users with a target in `split`: history = everything before it.
 
     Users come shortest history first, so each chunk holds like lengths and pads little.
     """
-    target_pos = target_positions(data, split)
-    by_length = np.argsort(target_pos - data.offsets[:-1], kind="stable")  # (U,)
-    for first in range(0, data.num_users, batch_size):
+    target_pos = data.target_positions(split)
+    scored = np.flatnonzero(target_pos >= 0)
+    by_length = scored[np.argsort(target_pos[scored] - data.offsets[scored], kind="stable")]  # (U',)
+    for first in range(0, len(by_length), batch_size):
         users = by_length[first : first + batch_size]
         seen = [data.items[data.offsets[u] : target_pos[u]] for u in users]
         width = max(len(s) for s in seen)
@@ -196,7 +198,5 @@ def eval_batches(data: SequenceData, split: Literal["valid", "test"], *, batch_s
 
 
 def training_items(data: SequenceData) -> np.ndarray:
-    """Every item occurrence in the training part of the split (all but each user's last two)."""
-    user_of = np.repeat(np.arange(data.num_users), np.diff(data.offsets))
-    keep = np.arange(len(data.items)) < data.offsets[1:][user_of] - 2
-    return data.items[keep]
+    """Every item occurrence in the training sequences of the protocol's split."""
+    return data.items[data.holdout.trained]

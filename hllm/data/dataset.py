@@ -1,6 +1,7 @@
-"""SequenceData: contiguous ids (0 = PAD), chronological user sequences, leave-one-out split.
+"""SequenceData: contiguous ids (0 = PAD), chronological user sequences, and the protocol's split.
 
-`prepare_dataset` reads the files (formats.py), filters and renumbers with numpy, and caches it.
+`prepare_dataset` reads the files (formats.py), filters and renumbers with numpy, and caches it; the
+split (splits.py) is drawn afresh on every load, so the cache holds only what every protocol shares.
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ import pandas as pd
 
 from hllm.config import DataConfig
 from hllm.data.formats import Source, locate, read_source
+from hllm.data.splits import Holdout, make_holdout
 from hllm.data.text import PAD_ID, build_item_text, text_length_stats
 from hllm.errors import UserError
-from hllm.files import hash_inputs, publish_folder, write_json
+from hllm.files import hash_inputs, hash_json, publish_folder, write_json
 
 CACHE_VERSION = 2  # 2: timestamps kept
 MIN_INTERACTIONS = 3  # one training item, the validation target and the test target
 PAD_TOKEN = "[PAD]"
 TITLE_FIELDS = ("title", "movie_title", "name")
 Split = Literal["train", "valid", "test"]
-TARGET_FROM_END = {"train": 3, "valid": 2, "test": 1}  # train's target: its last training item
 CACHE_SETTINGS = (  # the DataConfig fields that shape the processed data (max_history does not)
     "user_column item_column time_column text_fields prompt field_separator duplicates kcore missing_text"
 ).split()
@@ -47,10 +48,28 @@ class SequenceData:
     stats: dict = field(default_factory=dict)
     fingerprint: str = ""
     timestamps: np.ndarray | None = None  # (nnz,) float64 times of `items`; None without time column
+    holdout: Holdout | None = None  # the protocol's split; None = leave-one-out
+
+    def __post_init__(self) -> None:
+        if self.holdout is None:
+            self.holdout = make_holdout(self.offsets, self.items, self.timestamps)
+
+    def require_item_text(self) -> None:
+        """For models that read item text: refuse data prepared without any (ID models need none)."""
+        if self.stats.get("text_fields") != []:  # [] = prepared without a text field
+            return
+        if self.stats.get("item_path") is None:
+            raise UserError(
+                "no item table, so no item text to read; give one with data.item_path "
+                "(ID models such as model.kind=sasrec need none)",
+                where=self.stats.get("path", self.name),
+            )
+        message = "the item table has no text columns; name the ones to read with data.text_fields"
+        raise UserError(message, where=self.stats["item_path"])
 
     @property
     def num_items(self) -> int:
-        """Item-id slots, PAD included."""
+        """Item ids, PAD included."""
         return len(self.item_ids)
 
     @property
@@ -60,19 +79,29 @@ class SequenceData:
     def sequence(self, user: int) -> np.ndarray:
         return self.items[self.offsets[user] : self.offsets[user + 1]]
 
-    def history_and_target(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
-        """(U,) target positions and (U,) target items of the leave-one-out split.
+    def target_positions(self, split: Split) -> np.ndarray:
+        """(U,) position in `items` of each user's target in `split`; -1 where the user has none.
+        train's target is the user's last trained interaction."""
+        return self.holdout.targets[split]
 
-        User u's history is `items[offsets[u]:positions[u]]` and its target `items[positions[u]]`:
-        test = the last item, valid = the second-to-last, train = the last training item (the
-        training part is all but the last two).
+    def history_and_target(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
+        """(U,) target positions and (U,) target items of `split` (-1 and PAD where there is none).
+
+        User u's history is `history(u, split)`, which ends just before `positions[u]`.
         """
-        positions = self.offsets[1:] - TARGET_FROM_END[split]
-        return positions, self.items[positions]
+        positions = self.target_positions(split)
+        return positions, np.where(positions >= 0, self.items[positions], PAD_ID)
 
     def history(self, user: int, split: Split) -> np.ndarray:
-        """User `user`'s items before the target of `split`, oldest first."""
-        return self.items[self.offsets[user] : self.offsets[user + 1] - TARGET_FROM_END[split]]
+        """User `user`'s items before the target of `split`, oldest first (only trained ones for
+        train); empty when the user has no target in `split`."""
+        end = int(self.target_positions(split)[user])
+        if end < 0:
+            return self.items[:0]
+        start = self.offsets[user]
+        if split == "train":
+            return self.items[start:end][self.holdout.trained[start:end]]
+        return self.items[start:end]
 
     @cached_property
     def _user_lookup(self) -> dict[str, int]:
@@ -134,8 +163,6 @@ def prepare_dataset(config: DataConfig, *, tokenizer=None) -> SequenceData:
 
     With a `tokenizer`, `stats["text_tokens"]` reports the item texts' token lengths.
     """
-    if config.kcore < 0:
-        raise UserError(f"must be 0 (off) or more, got {config.kcore}", where="data.kcore")
     source = locate(config)
     settings = {key: getattr(config, key) for key in CACHE_SETTINGS}
     settings |= {"format": source.format, "name": source.name, "version": CACHE_VERSION}
@@ -150,10 +177,31 @@ def prepare_dataset(config: DataConfig, *, tokenizer=None) -> SequenceData:
         data.fingerprint = data.stats["fingerprint"] = fingerprint
         publish_folder(data._write, folder, replace=False)
     data.stats["cache"] = str(folder)
+    data.holdout = make_holdout(
+        data.offsets,
+        data.items,
+        data.timestamps,
+        split=config.split,
+        cut=config.temporal_cut,
+        cold_items=config.cold_items,
+        cold_seed=config.cold_seed,
+    )
+    if protocol := _protocol_settings(config):  # the protocol cards' dataset hash tells the splits apart
+        data.fingerprint = hash_json({"data": data.fingerprint, **protocol})
     if tokenizer is not None:
         texts = list(data.item_text[1:])
         data.stats["text_tokens"] = text_length_stats(texts, tokenizer, config.max_text_tokens)
     return data
+
+
+def _protocol_settings(config: DataConfig) -> dict:
+    """The settings that make the split differ from plain leave-one-out (none for it)."""
+    settings = {}
+    if config.split == "temporal":
+        settings |= {"split": config.split, "temporal_cut": config.temporal_cut}
+    if config.cold_items > 0:
+        settings |= {"cold_items": config.cold_items, "cold_seed": config.cold_seed}
+    return settings
 
 
 def build_sequence_data(

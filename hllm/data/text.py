@@ -1,6 +1,6 @@
 """Item text: the prompt + `key: value` template, tokenisation once per item, packing items into one row.
 
-Dims: N items, T packed tokens.
+Dims: N items, T packed item_tokens.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class PackedItems:
 
     input_ids: Tensor  # (T,) int64
     position_ids: Tensor  # (T,) int64
-    lengths: Tensor  # (N,) int64, tokens per item including appended slots
+    lengths: Tensor  # (N,) int64, tokens per item including appended tokens
 
     def to(self, device: torch.device | str) -> PackedItems:
         return PackedItems(self.input_ids.to(device), self.position_ids.to(device), self.lengths.to(device))
@@ -100,15 +100,18 @@ class PackedItems:
         return len(self.lengths)
 
 
-def pack_items(tokens: ItemTokens, item_ids: np.ndarray | Tensor, slots: int = 0) -> PackedItems:
-    """Gather the tokens of `item_ids` into one row; append `slots` placeholder ids (PAD_ID) to each.
+def pack_items(
+    item_tokens: ItemTokens, item_ids: np.ndarray | Tensor, appended_tokens: int = 0
+) -> PackedItems:
+    """Gather the tokens of `item_ids` into one row; append `appended_tokens` placeholder ids (PAD_ID)
+    to each.
 
     The model overwrites the placeholders' input embeddings with its learned [ITEM] vector.
     """
     item_ids = np.asarray(item_ids, dtype=np.int64)
-    starts = tokens.offsets[item_ids]
-    text_lengths = tokens.offsets[item_ids + 1] - starts
-    lengths = text_lengths + slots
+    starts = item_tokens.offsets[item_ids]
+    text_lengths = item_tokens.offsets[item_ids + 1] - starts
+    lengths = text_lengths + appended_tokens
     total = int(lengths.sum())
     item_of_token = np.repeat(np.arange(len(item_ids)), lengths)
     first_token = np.zeros(len(item_ids), dtype=np.int64)
@@ -116,5 +119,5 @@ def pack_items(tokens: ItemTokens, item_ids: np.ndarray | Tensor, slots: int = 0
     positions = np.arange(total, dtype=np.int64) - first_token[item_of_token]
     is_text = positions < text_lengths[item_of_token]
     input_ids = np.full(total, PAD_ID, dtype=np.int64)
-    input_ids[is_text] = tokens.ids[starts[item_of_token[is_text]] + positions[is_text]]
+    input_ids[is_text] = item_tokens.ids[starts[item_of_token[is_text]] + positions[is_text]]
     return PackedItems(torch.from_numpy(input_ids), torch.from_numpy(positions), torch.from_numpy(lengths))

@@ -12,19 +12,22 @@ from torch import nn
 from hllm.config import RunConfig
 from hllm.data.batches import training_items
 from hllm.data.dataset import SequenceData
-from hllm.data.text import ItemTokens, pack_items, tokenize_items
+from hllm.data.text import PAD_ID, ItemTokens, pack_items, tokenize_items
 from hllm.errors import UserError
 from hllm.models.backbone import load_backbone, set_dropout
 from hllm.models.hllm import HLLM
 from hllm.models.hstu import build_hstu
 from hllm.models.id_recommender import IdRecommender
 from hllm.models.item_encoder import ItemEncoder
+from hllm.models.item_ids import ItemIdTable
 from hllm.models.popularity import Popularity
 from hllm.models.sasrec import build_sasrec
+from hllm.models.text_knn import TextKnn
 from hllm.models.user_encoder import UserEncoder
 
 DENSE_MEAN_HISTORY = 20  # interactions per user from which data counts as dense (MovieLens, not Amazon)
 FULL_SOFTMAX_MAX_ITEMS = 200_000  # past this, (positions x catalogue) logits cost too much memory
+ID_INIT_STD = 0.02  # hllm-id's item rows, as the ID baselines' (text+ID rows start at zero)
 
 
 def add_lora(module: nn.Module, rank: int, alpha: int) -> None:
@@ -43,8 +46,19 @@ def build_model(config: RunConfig, data: SequenceData) -> tuple[nn.Module, ItemT
             return Popularity(training_items(data), data.num_items), None
         case "hllm":
             return _build_hllm(config, data)
+        case "hllm-id":
+            return _build_hllm_id(config, data), None
         case "sasrec" | "hstu":
             return _build_id_model(config, data), None
+        case "text-knn":
+            if config.model.item.pooling == "token":
+                message = "text-knn needs pooled text (mean or cls); token pooling's [ITEM] is untrained"
+                raise UserError(message, where="model.item.pooling")
+            backbone = load_backbone(config.model.item.backbone, pretrained=config.model.item.pretrained)
+            item_tokens = tokenize_items(
+                list(data.item_text), backbone.tokenizer, config.data.max_text_tokens
+            )
+            return TextKnn(ItemEncoder(backbone, pooling=config.model.item.pooling)), item_tokens
 
 
 def _build_id_model(config: RunConfig, data: SequenceData) -> IdRecommender:
@@ -73,6 +87,7 @@ def _build_id_model(config: RunConfig, data: SequenceData) -> IdRecommender:
 
 
 def _build_hllm(config: RunConfig, data: SequenceData) -> tuple[HLLM, ItemTokens]:
+    data.require_item_text()
     item_cfg, user_cfg = config.model.item, config.model.user
     torch.manual_seed(config.train.seed)
     item_backbone = load_backbone(item_cfg.backbone, pretrained=item_cfg.pretrained)
@@ -91,26 +106,63 @@ def _build_hllm(config: RunConfig, data: SequenceData) -> tuple[HLLM, ItemTokens
         add_lora(item_backbone.model, item_cfg.lora_rank, item_cfg.lora_alpha)
     if config.train.gradient_checkpointing:
         item_encoder.set_gradient_checkpointing(True)
+    user_width = user_backbone.hidden_size
+    item_ids = None
+    if item_cfg.id_embedding:  # zero at the start: the text+ID model starts as the text-only one
+        item_ids = ItemIdTable(_trained_ids(data), user_width, init_std=0.0)
     model = HLLM(
         item_encoder,
         UserEncoder(user_backbone, dropout=user_cfg.dropout),
         item_width=item_backbone.hidden_size,
-        user_width=user_backbone.hidden_size,
-        temperature=config.model.temperature,
-        nce_threshold=config.model.nce_threshold,
+        user_width=user_width,
         frozen_items=frozen,
-        catalogue_negatives=config.train.negatives == "catalogue",
-        in_batch_negatives=config.train.in_batch_negatives,
-        exclude_own_items=config.train.exclude_own_items,
         adaptor=_adaptor(
-            config.model.adaptor,
-            frozen or item_cfg.train_layers > 0,
-            item_backbone.hidden_size,
-            user_backbone.hidden_size,
+            config.model.adaptor, frozen or item_cfg.train_layers > 0, item_backbone.hidden_size, user_width
         ),
+        item_ids=item_ids,
+        id_dropout=item_cfg.id_dropout,
+        memory_refresh=config.train.memory_refresh if config.train.negatives == "memory" else 0,
+        **_recipe(config),
     )
-    tokens = tokenize_items(list(data.item_text), item_backbone.tokenizer, config.data.max_text_tokens)
-    return model, tokens
+    item_tokens = tokenize_items(list(data.item_text), item_backbone.tokenizer, config.data.max_text_tokens)
+    return model, item_tokens
+
+
+def _build_hllm_id(config: RunConfig, data: SequenceData) -> HLLM:
+    """HLLM's User LLM and recipe over a learned item-ID table in the User LLM's width instead of
+    the Item LLM: what the user side does without item text (model.kind=hllm-id)."""
+    torch.manual_seed(config.train.seed)
+    user_cfg = config.model.user
+    user_backbone = load_backbone(user_cfg.backbone, pretrained=user_cfg.pretrained)
+    width = user_backbone.hidden_size
+    return HLLM(
+        None,
+        UserEncoder(user_backbone, dropout=user_cfg.dropout),
+        item_width=width,
+        user_width=width,
+        adaptor=_adaptor(config.model.adaptor, False, width, width),
+        item_ids=ItemIdTable(_trained_ids(data), width, init_std=ID_INIT_STD),
+        **_recipe(config),
+    )
+
+
+def _recipe(config: RunConfig) -> dict:
+    """The loss and negatives settings every HLLM shares."""
+    return {
+        "temperature": config.model.temperature,
+        "nce_threshold": config.model.nce_threshold,
+        "catalogue_negatives": config.train.negatives in ("catalogue", "memory"),
+        "in_batch_negatives": config.train.in_batch_negatives,
+        "exclude_own_items": config.train.exclude_own_items,
+    }
+
+
+def _trained_ids(data: SequenceData) -> torch.Tensor:
+    """(N,) bool: the items of the training split, the ones an ID row can be learned for."""
+    trained = torch.zeros(data.num_items, dtype=torch.bool)
+    trained[torch.from_numpy(training_items(data))] = True
+    trained[PAD_ID] = False
+    return trained
 
 
 def _adaptor(kind: str, mostly_frozen: bool, item_width: int, user_width: int) -> str:
@@ -123,22 +175,23 @@ def _adaptor(kind: str, mostly_frozen: bool, item_width: int, user_width: int) -
 
 @torch.no_grad()
 def cache_frozen_items(
-    model: nn.Module, tokens: ItemTokens, *, batch_size: int, device: torch.device | str
+    model: nn.Module, item_tokens: ItemTokens, *, batch_size: int, device: torch.device | str
 ) -> None:
-    """Run the frozen part of the Item LLM once over the catalogue and keep what it computes: the
-    items' outputs when it is all frozen; with only its top layers trained, the token states below."""
-    top_only = getattr(model, "top_layers_only", False)
-    if not (getattr(model, "frozen_items", False) or top_only):
+    """Run the frozen part of an HLLM's Item LLM once over the catalogue and keep what it computes:
+    the items' outputs when it is all frozen; with only its top layers trained, the token states
+    below. Other models (and an HLLM that fine-tunes its whole Item LLM) have nothing to cache."""
+    if not (isinstance(model, HLLM) and (model.frozen_items or model.top_layers_only)):
         return
+    top_only = model.top_layers_only
     training = model.item_encoder.training
     model.item_encoder.eval()
     encode = model.item_encoder.lower_states if top_only else model.item_encoder
     rows = []
-    for first in range(0, len(tokens), batch_size):
-        ids = np.arange(first, min(first + batch_size, len(tokens)))
-        rows.append(encode(pack_items(tokens, ids, slots=model.item_slots).to(device)))
+    for first in range(0, len(item_tokens), batch_size):
+        ids = np.arange(first, min(first + batch_size, len(item_tokens)))
+        rows.append(encode(pack_items(item_tokens, ids, appended_tokens=model.appended_tokens).to(device)))
     if top_only:
-        lengths = torch.from_numpy(np.diff(tokens.offsets)).to(device) + model.item_slots
+        lengths = torch.from_numpy(np.diff(item_tokens.offsets)).to(device) + model.appended_tokens
         model.cache_lower_states(torch.cat(rows), torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))
     else:
         model.cache_items(torch.cat(rows))

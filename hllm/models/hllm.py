@@ -1,7 +1,9 @@
 """HLLM: Item LLM (text -> item embedding) + projection + User LLM (history -> next-item embedding).
 
 Item embeddings are L2-normalised before the User LLM reads them, so training, ranking and the
-cached item table all share one geometry. Dims: B sequences, L history, U batch items, N catalogue, D width.
+cached item table all share one geometry. Optionally a learned ID row is added to the text
+embedding (text+ID items), or replaces the Item LLM altogether (`hllm-id`, a diagnostic).
+Dims: B sequences, L history, U batch items, N catalogue, D width.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from hllm.data.batches import TrainBatch
 from hllm.data.text import PackedItems
 from hllm.errors import UserError
 from hllm.models.item_encoder import ItemEncoder
+from hllm.models.item_ids import ItemIdTable, drop_ids
 from hllm.models.losses import LogitScale, catalogue_softmax, info_nce
 from hllm.models.user_encoder import UserEncoder
 
 COSINE_SAMPLE = 128
+MEMORY_CHUNK = 256  # items per top-layer pass when the memory is refreshed
 
 
 def mean_pairwise_cosine(embeddings: Tensor) -> float:
@@ -47,7 +51,7 @@ class MlpAdaptor(nn.Module):
         return self.linear(x) + self.mlp(x)
 
 
-def build_adaptor(kind: str, item_width: int, user_width: int) -> nn.Module:
+def build_adaptor(kind: Literal["none", "linear", "mlp"], item_width: int, user_width: int) -> nn.Module:
     """Map Item LLM outputs to the User LLM's width (the reference required equal widths)."""
     match kind:
         case "none":
@@ -61,7 +65,6 @@ def build_adaptor(kind: str, item_width: int, user_width: int) -> nn.Module:
             return nn.Linear(item_width, user_width, bias=False)
         case "mlp":
             return MlpAdaptor(item_width, user_width)
-    raise UserError(f"unknown adaptor {kind!r}; use none, linear or mlp", where="model.adaptor")
 
 
 class HLLM(nn.Module):
@@ -72,12 +75,19 @@ class HLLM(nn.Module):
     or trained in its top layers only, over cached token states of the frozen layers below
     (`lower_states`). A catalogue softmax over outputs cached while the top layers train leaks:
     the model learns to tell the batch's fresh outputs from the stale rest. So the top-layer side
-    uses the bank, which is encoded fresh; `in_batch_negatives` widens it for free.
+    uses the bank, which is encoded fresh (`in_batch_negatives` widens it for free), or a memory of
+    every item's output refreshed every `memory_refresh` steps, in which the batch's own items are
+    replaced by their fresh outputs: fresh on both sides of the softmax, stale only where an item is
+    nothing but a negative. The drift is logged as `memory_cosine` (memory row vs fresh output).
+
+    `item_ids` adds a learned ID row to every trained item's text embedding, each occurrence
+    dropping it with probability `id_dropout` while training so that the text alone stays a good
+    model; with no `item_encoder` the ID rows are the whole item side (`hllm-id`).
     """
 
     def __init__(
         self,
-        item_encoder: ItemEncoder,
+        item_encoder: ItemEncoder | None,
         user_encoder: UserEncoder,
         *,
         item_width: int,
@@ -89,10 +99,17 @@ class HLLM(nn.Module):
         in_batch_negatives: bool = False,
         exclude_own_items: bool = True,
         adaptor: Literal["none", "linear", "mlp"] = "linear",
+        item_ids: ItemIdTable | None = None,
+        id_dropout: float = 0.0,
+        memory_refresh: int = 0,
     ) -> None:
         super().__init__()
+        if item_encoder is None and item_ids is None:
+            raise ValueError("an HLLM needs an Item LLM, an item-ID table, or both")
         self.item_encoder = item_encoder
         self.user_encoder = user_encoder
+        self.item_ids = item_ids
+        self.id_dropout = id_dropout
         self.projection = build_adaptor(adaptor, item_width, user_width)
         self.logit_scale = LogitScale(temperature)
         self.nce_threshold = nce_threshold
@@ -106,31 +123,70 @@ class HLLM(nn.Module):
         # D_item), and where each item starts in them (N + 1,).
         self.register_buffer("lower_states", None, persistent=False)
         self.register_buffer("lower_offsets", None, persistent=False)
-        # Set by the training loop to Fabric's all_gather when several processes train: negative
-        # embeddings (with gradient) and their ids, so every rank scores against one shared bank.
+        # Negatives "memory": every item's Item LLM output (N, D_item), recomputed every
+        # `memory_refresh` training steps (0 = no memory); `memory_age` counts steps since.
+        self.register_buffer("memory", None, persistent=False)
+        self.memory_refresh = memory_refresh
+        self.memory_age = 0
+        # Identity until `share_negatives` hands over the all-gathers of several processes.
         self.gather: Callable[[Tensor], Tensor] = lambda x: x
         self.gather_ids: Callable[[Tensor], Tensor] = lambda x: x
         self.last_stats: dict[str, float] = {}
 
+    def share_negatives(
+        self, gather: Callable[[Tensor], Tensor], gather_ids: Callable[[Tensor], Tensor]
+    ) -> None:
+        """Score against one negative bank shared by every process: `gather` collects the negative
+        embeddings of all processes (with their gradient), `gather_ids` their item ids."""
+        self.gather, self.gather_ids = gather, gather_ids
+
     @property
     def needs_text(self) -> bool:
-        return not (self.frozen_items or self.top_layers_only)
+        return self.item_encoder is not None and not (self.frozen_items or self.top_layers_only)
 
     @property
     def top_layers_only(self) -> bool:
         """The Item LLM trains only its top layers, over cached states of the ones below."""
-        return self.item_encoder.frozen_layers > 0
+        return self.item_encoder is not None and self.item_encoder.frozen_layers > 0
 
     @property
-    def item_slots(self) -> int:
-        return self.item_encoder.slots
+    def appended_tokens(self) -> int:
+        return 0 if self.item_encoder is None else self.item_encoder.appended_tokens
+
+    @property
+    def num_items(self) -> int:
+        """Rows of the catalogue a softmax scores (PAD included), from what the item side caches."""
+        if self.item_encoder is None:
+            return len(self.item_ids.trained)
+        if self.top_layers_only:
+            return len(self.lower_offsets) - 1
+        return len(self.item_cache)
 
     def encode_items(self, item_ids: Tensor, text: PackedItems | None) -> Tensor:
-        """Normalised, projected item embeddings (N, D_user) from text (or the caches)."""
-        return F.normalize(self.projection(self._item_outputs(item_ids, text).float()), dim=-1)
+        """Normalised item embeddings (N, D_user): the projected Item LLM outputs from text (or the
+        caches), plus their ID rows where text+ID items have one; `hllm-id`: the ID rows alone."""
+        return self._combine(*self._item_parts(item_ids, text))
+
+    def _item_parts(self, item_ids: Tensor, text: PackedItems | None) -> tuple[Tensor, Tensor | None]:
+        """The projected item side (N, D_user) and the ID rows to add to it (N, D_user; None: none)."""
+        base = self.projection(self._item_outputs(item_ids, text).float())
+        adds_ids = self.item_ids is not None and self.item_encoder is not None
+        return base, self.item_ids(item_ids) if adds_ids else None
+
+    @staticmethod
+    def _combine(base: Tensor, ids: Tensor | None) -> Tensor:
+        """Unit item embeddings. Text+ID: the unit text embedding plus the ID row, renormalised, so
+        the two parts have known scales and an ID row (zero at the start) moves an item only as far
+        as training pushes it; a zero row (no ID, or dropped) leaves the text embedding as it is."""
+        if ids is None:
+            return F.normalize(base, dim=-1)
+        return F.normalize(F.normalize(base, dim=-1) + ids, dim=-1)
 
     def _item_outputs(self, item_ids: Tensor, text: PackedItems | None) -> Tensor:
-        """Item LLM outputs (N, D_item): from text, the top layers over cached states, or the cache."""
+        """Item LLM outputs (N, D_item): from text, the top layers over cached states, or the cache;
+        `hllm-id`: the ID rows."""
+        if self.item_encoder is None:
+            return self.item_ids(item_ids)
         if text is not None:
             return self.item_encoder(text)
         if not self.top_layers_only:
@@ -164,18 +220,32 @@ class HLLM(nn.Module):
         return F.normalize(states.float(), dim=-1)
 
     def training_loss(self, batch: TrainBatch) -> Tensor:
-        embeddings = self.encode_items(batch.batch_items, batch.text)  # (U, D)
+        self.last_stats = {}
+        if self.memory_refresh and self.training:
+            self._refresh_memory()
+        base, ids = self._item_parts(batch.batch_items, batch.text)  # (U, D), (U, D) | None
+        embeddings = self._combine(base, ids)  # (U, D) every ID row kept
+
+        def occurrences(index: Tensor) -> Tensor:
+            """(..., D) embeddings of the batch items at `index` (...), one ID dropout draw each."""
+            if ids is None:
+                return embeddings[index]
+            return self._combine(base[index], drop_ids(ids[index], self.id_dropout, self.training))
+
         present = (batch.items != 0).unsqueeze(-1)
-        sequence = embeddings[batch.item_index] * present  # (B, L+1, D)
+        sequence = occurrences(batch.item_index) * present  # (B, L+1, D)
         outputs = self.user_encoder(sequence[:, :-1], batch.mask)  # (B, L, D)
         user = outputs[batch.mask]  # (n, D) only real positions
         target = sequence[:, 1:][batch.mask]  # (n, D)
         scale = self.logit_scale()
         if self.catalogue_negatives:
-            table = self.encode_items(torch.arange(len(self.item_cache), device=user.device), None)
-            out = catalogue_softmax(user, table, batch.items[:, 1:][batch.mask], scale)
+            table = self._catalogue(batch.batch_items, base)  # (N, D)
+            positives = None if ids is None else target  # the targets' own ID dropout draws
+            out = catalogue_softmax(user, table, batch.items[:, 1:][batch.mask], scale, positives=positives)
         else:
-            negatives, bank_ids, gather = self._negative_bank(batch, embeddings)
+            # Each bank item occurs once in the bank: one fresh draw per row is one per occurrence.
+            bank = embeddings if ids is None else occurrences(torch.arange(len(base), device=base.device))
+            negatives, bank_ids, gather = self._negative_bank(batch, bank)
             out = info_nce(
                 user,
                 target,
@@ -185,13 +255,45 @@ class HLLM(nn.Module):
                 gather=gather,
                 excluded=self._own_items(batch, bank_ids),
             )
-        self.last_stats = {
+        self.last_stats |= {
             "accuracy": out.accuracy,
             "temperature": self.logit_scale.temperature,
             "item_cosine": mean_pairwise_cosine(embeddings),
             "negatives_kept": out.negatives_kept,
         }
         return out.loss
+
+    def _catalogue(self, batch_items: Tensor, fresh: Tensor) -> Tensor:
+        """Every item's embedding (N, D) for a catalogue softmax: from the frozen cache or the ID
+        table, or from the memory with the batch's items (U,) replaced by their `fresh` projected
+        outputs (U, D); text+ID rows each with their own ID dropout draw."""
+        every = torch.arange(self.num_items, device=fresh.device)
+        if self.memory is None:
+            rows, ids = self._item_parts(every, None)
+        else:
+            rows = self.projection(self.memory.float())  # (N, D)
+            with torch.no_grad():
+                drift = F.cosine_similarity(rows[batch_items], fresh, dim=-1).mean()
+            self.last_stats["memory_cosine"] = float(drift)
+            rows = rows.index_copy(0, batch_items, fresh)
+            ids = None if self.item_ids is None else self.item_ids(every)
+        if ids is not None:
+            ids = drop_ids(ids, self.id_dropout, self.training)
+        return self._combine(rows, ids)
+
+    @torch.no_grad()
+    def _refresh_memory(self) -> None:
+        """Recompute every item's output with the current top layers when the memory is
+        `memory_refresh` steps old (or missing: the first step, or after a resume)."""
+        if self.memory is not None and self.memory_age < self.memory_refresh:
+            self.memory_age += 1
+            return
+        training = self.item_encoder.training
+        self.item_encoder.eval()
+        every = torch.arange(self.num_items, device=self.lower_offsets.device)
+        self.memory = torch.cat([self._item_outputs(ids, None) for ids in every.split(MEMORY_CHUNK)])
+        self.item_encoder.train(training)
+        self.memory_age = 1
 
     def _negative_bank(self, batch: TrainBatch, embeddings: Tensor) -> tuple[Tensor, Tensor, Callable]:
         """This process's negatives (M, D), the gathered bank's item ids (M',) and the gather that

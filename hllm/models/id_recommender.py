@@ -23,14 +23,14 @@ INIT_STD = 0.02
 
 
 def positions_from_end(mask: Tensor) -> Tensor:
-    """(B, L) -> (B, L) real items after each slot: 0 for the most recent. Counting from the end makes
+    """(B, L) -> (B, L) real items after each position: 0 for the most recent. Counting from the end makes
     the output independent of how much padding there is and on which side."""
-    after = mask.flip(-1).long().cumsum(-1).flip(-1)  # (B, L) real items at or after the slot
+    after = mask.flip(-1).long().cumsum(-1).flip(-1)  # (B, L) real items at or after the position
     return (after - 1).clamp(min=0)
 
 
 def attention_mask(mask: Tensor) -> Tensor:
-    """(B, L) real slots -> (B, L, L) bool: query i may read key j <= i when j is real. Every slot
+    """(B, L) real positions -> (B, L, L) bool: query i may read key j <= i when j is real. Every position
     also reads itself, so a padding query's row is never empty (an all-masked softmax row is NaN)."""
     length = mask.shape[-1]
     causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()  # (L, L)
@@ -39,7 +39,7 @@ def attention_mask(mask: Tensor) -> Tensor:
 
 
 def last_real(states: Tensor, mask: Tensor) -> Tensor:
-    """(B, L, D) -> (B, D) the state of each row's most recent real slot (the last slot when empty)."""
+    """(B, L, D) -> (B, D) the state of each row's most recent real position (the last one when empty)."""
     length = mask.shape[-1]
     index = length - 1 - mask.flip(-1).long().argmax(-1)  # (B,) argmax finds the last True
     index = torch.where(mask.any(-1), index, length - 1)
@@ -56,7 +56,7 @@ class IdRecommender(nn.Module):
     """
 
     needs_text = False
-    item_slots = 0
+    appended_tokens = 0
 
     def __init__(
         self,
@@ -71,8 +71,6 @@ class IdRecommender(nn.Module):
         nce_threshold: float = 0.99,
     ) -> None:
         super().__init__()
-        if loss not in ("bce", "sampled", "full"):
-            raise ValueError(f"unknown loss {loss!r}; use bce, sampled or full")
         self.item_embedding = nn.Embedding(num_items, width, padding_idx=PAD_ID)
         self.position_embedding = nn.Embedding(max_length, width)
         for table in (self.item_embedding, self.position_embedding):
@@ -86,10 +84,17 @@ class IdRecommender(nn.Module):
         # A buffer under bce (dot products): an unused parameter would stall DDP's gradient sync.
         self.logit_scale = LogitScale(temperature, learnable=loss != "bce")
         self.nce_threshold = nce_threshold
-        # Set by the training loop to Fabric's all_gather when several processes train.
+        # Identity until `share_negatives` hands over the all-gathers of several processes.
         self.gather: Callable[[Tensor], Tensor] = lambda x: x
-        self.gather_ids: Callable[[Tensor], Tensor] = lambda x: x
         self.last_stats: dict[str, float] = {}
+
+    def share_negatives(
+        self, gather: Callable[[Tensor], Tensor], gather_ids: Callable[[Tensor], Tensor]
+    ) -> None:
+        """Score against one negative bank shared by every process: `gather` collects the negative
+        embeddings of all processes (with their gradient); no negative is masked by id here, so
+        `gather_ids` is not needed."""
+        self.gather = gather
 
     @property
     def reads_time(self) -> bool:
@@ -112,7 +117,7 @@ class IdRecommender(nn.Module):
         return self._geometry(last_real(self.encode_sequence(history, mask, times), mask))
 
     def encode_sequence(self, items: Tensor, mask: Tensor, times: Tensor | None = None) -> Tensor:
-        """(B, L) ids -> (B, L, D) states; state j predicts the item after slot j."""
+        """(B, L) ids -> (B, L, D) states; state j predicts the item after position j."""
         positions = positions_from_end(mask)  # (B, L)
         x = self.item_embedding(items) * math.sqrt(self.item_embedding.embedding_dim)  # (B, L, D)
         x = self.dropout(x + self.position_embedding(positions)) * mask.unsqueeze(-1)

@@ -82,7 +82,8 @@ class ItemEncoder(nn.Module):
     Args:
         backbone: any base model; decoders attend causally inside an item, encoders bidirectionally.
         pooling: `token` reads the hidden state at a learned [ITEM] embedding placed in each item's
-            last slot (see `slots`); `cls` the item's first token; `mean` the mean over its tokens.
+            last position (see `appended_tokens`); `cls` the item's first token; `mean` the mean over
+            its tokens.
         max_tokens_per_row: without flash attention, the pack is cut at item boundaries into rows
             of at most max(this, longest item) tokens, run as one batch.
         layout: `packed` (several items per row) or `padded` (one item per row, padded to the
@@ -103,8 +104,6 @@ class ItemEncoder(nn.Module):
         train_layers: int = 0,
     ) -> None:
         super().__init__()
-        if pooling not in ("token", "cls", "mean"):
-            raise UserError(f"unknown pooling {pooling!r}: expected token, cls or mean")
         if pooling == "cls" and backbone.is_decoder:
             raise UserError(
                 f"pooling 'cls' needs a bidirectional encoder, but {backbone.name!r} is a causal "
@@ -149,8 +148,8 @@ class ItemEncoder(nn.Module):
         )
 
     @property
-    def slots(self) -> int:
-        """Placeholder ids `pack_items` must append to each item (the [ITEM] slot)."""
+    def appended_tokens(self) -> int:
+        """Placeholder ids `pack_items` must append to each item (the [ITEM] token)."""
         return 1 if self.pooling == "token" else 0
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
@@ -202,10 +201,10 @@ class ItemEncoder(nn.Module):
         """The packed items laid out in rows: layout, attention mask and the model's inputs."""
         embeddings = self.model.get_input_embeddings()(packed.input_ids)  # (T, D)
         if self.item_token is not None:
-            is_slot = torch.zeros_like(packed.input_ids, dtype=torch.bool)
-            is_slot[packed.lengths.cumsum(0) - 1] = True  # each item's last slot
-            slot_value = self.item_token.to(embeddings.dtype)
-            embeddings = torch.where(is_slot[:, None], slot_value, embeddings)
+            is_item_token = torch.zeros_like(packed.input_ids, dtype=torch.bool)
+            is_item_token[packed.lengths.cumsum(0) - 1] = True  # each item's [ITEM] token
+            item_token_value = self.item_token.to(embeddings.dtype)
+            embeddings = torch.where(is_item_token[:, None], item_token_value, embeddings)
         layout, mask = self._layout(packed.lengths, embeddings.dtype)
         inputs = {
             "inputs_embeds": layout.scatter(embeddings, 0.0),  # (R, W, D)
@@ -226,7 +225,7 @@ class ItemEncoder(nn.Module):
             layout = padded_layout(lengths, self.pad_width)
         else:
             layout = row_layout(lengths, int(lengths.sum()) if flash else self.max_tokens_per_row)
-        item_at = layout.scatter(layout.item, -1)  # (R, W) item of each slot, -1 where empty
+        item_at = layout.scatter(layout.item, -1)  # (R, W) item of each position, -1 where empty
         if not flash:
             return layout, self._attention_mask(item_at, dtype)
         if self.layout == "padded":
@@ -247,7 +246,7 @@ class ItemEncoder(nn.Module):
                 return (sums / lengths[:, None]).to(hidden.dtype)
 
     def _attention_mask(self, item_at: Tensor, dtype: torch.dtype) -> Tensor:
-        """Block-diagonal (causal for decoders) mask (R, 1, W, W) from the item of each slot (R, W).
+        """Block-diagonal (causal for decoders) mask (R, 1, W, W) from the item of each position (R, W).
 
         transformers hands a 4-D `attention_mask` to the attention kernel untouched (the mask
         builders return it as is: `masking_utils._preprocess_mask_arguments`); SDPA reads True as

@@ -103,7 +103,13 @@ def info_nce(
 
 
 def catalogue_softmax(
-    user: Tensor, item_table: Tensor, targets: Tensor, scale: Tensor, *, pad_id: int = 0
+    user: Tensor,
+    item_table: Tensor,
+    targets: Tensor,
+    scale: Tensor,
+    *,
+    pad_id: int = 0,
+    positives: Tensor | None = None,
 ) -> NceOutput:
     """Cross entropy over every item of the catalogue ("full softmax"), the PAD item excluded.
 
@@ -113,10 +119,17 @@ def catalogue_softmax(
         targets: (n,) int64 item ids of the next items, never `pad_id`.
         scale: scalar inverse temperature (from LogitScale).
         pad_id: the row of `item_table` that is padding, never a candidate.
+        positives: (n, D) each row's own target embedding, scored in place of its table row (the
+            two differ when each occurrence of an item draws its own ID dropout).
     """
     if (targets == pad_id).any():
         raise ValueError(f"catalogue_softmax: a target is the padding id {pad_id}")
-    logits = _normalize(user) @ _normalize(item_table).T * scale.float()  # (n, N)
+    user = _normalize(user)  # (n, D)
+    logits = user @ _normalize(item_table).T  # (n, N)
+    if positives is not None:
+        own = (user * _normalize(positives)).sum(-1, keepdim=True)  # (n, 1)
+        logits = logits.scatter(1, targets[:, None], own)
+    logits = logits * scale.float()
     logits[:, pad_id] = float("-inf")  # after scaling, so the scale's gradient stays finite
     return _output(F.cross_entropy(logits, targets), logits, targets)
 

@@ -13,7 +13,7 @@ class Popularity(nn.Module):
     """Scores = training interaction counts; every user gets the same ranking (minus their history)."""
 
     needs_text = False
-    item_slots = 0
+    appended_tokens = 0
 
     def __init__(self, train_items: np.ndarray, num_items: int) -> None:
         super().__init__()

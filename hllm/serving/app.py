@@ -1,4 +1,4 @@
-"""HTTP API over an artifact (FastAPI): recommend, cold-start items, health, metrics.
+"""HTTP API over an artifact (FastAPI): recommend, cold-start items, health, metrics, explorer page.
 
 `create_app(artifact)` builds the app; `run_server` runs it with uvicorn. Bad input is a 4xx with a
 `detail` saying what to fix; cold-start items are persisted in the artifact's `added.npz`.
@@ -15,14 +15,16 @@ import httpx
 import numpy as np
 import torch
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
 from hllm.errors import UserError
 from hllm.files import atomic_write
+from hllm.serving.auth import check_host, read_write_key, write_guard
 from hllm.serving.batcher import Batcher
+from hllm.serving.explorer import explorer_router
 from hllm.serving.export import Artifact, encode_histories, encode_texts, render_text
 from hllm.serving.index import ItemIndex, open_index, settings_of
 
@@ -236,7 +238,11 @@ def create_app(artifact: Artifact) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(UserError, lambda _, err: JSONResponse({"detail": str(err)}, 422))
-    max_history = artifact.config.data.max_history
+    max_history = serve.history_window or artifact.config.data.max_history
+    if serve.precision == "int8":
+        _int8_user_llm(artifact.model)
+    write_key = read_write_key(serve.write_key_env)
+    needs_key = [Depends(write_guard(write_key))]
 
     def answer(jobs: list[tuple[np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """One User LLM pass and one index search for every waiting (history vectors (L, D), k)."""
@@ -275,7 +281,7 @@ def create_app(artifact: Artifact) -> FastAPI:
         ][: request.k]
         return {"items": items, "unknown": unknown, "truncated": max(0, used - max_history)}
 
-    @app.post("/items", status_code=201)
+    @app.post("/items", status_code=201, dependencies=needs_key)
     def add_item(item: NewItem) -> dict:
         """Cold start: encode a new item's text with the Item LLM and make it recommendable at once."""
         text = _item_text(artifact, item.fields)
@@ -296,6 +302,10 @@ def create_app(artifact: Artifact) -> FastAPI:
             "status": "ok",
             "items": catalogue.size,
             "index": serve.index,
+            "write_key": write_key is not None,
+            "max_k": serve.max_k,
+            "text_fields": artifact.text_fields,
+            "creator_titles": False,  # see explorer.py
             "model": {k: model[k] for k in ("item_backbone", "user_backbone", "dim")},
         }
 
@@ -305,7 +315,15 @@ def create_app(artifact: Artifact) -> FastAPI:
         gauges = {"hllm_catalogue_items": catalogue.size, "hllm_model_passes": batcher.batches}
         return metrics.prometheus(gauges | {"hllm_model_pass_requests": batcher.jobs})
 
+    app.include_router(explorer_router(artifact, catalogue))
     return app
+
+
+def _int8_user_llm(model: torch.nn.Module) -> None:
+    """Dynamic int8 weights for the User LLM's linear layers, in place (activations are quantised per
+    pass); the Item LLM, which encodes cold-start items, stays fp32."""
+    linear = {torch.nn.Linear}
+    model.user_encoder = torch.ao.quantization.quantize_dynamic(model.user_encoder, linear, dtype=torch.qint8)
 
 
 def _resolve(catalogue: Catalogue, history: list[str | int]) -> tuple[list[int], list[str], int]:
@@ -342,7 +360,8 @@ async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
 
 
 def run_server(artifact: Artifact, *, host: str, port: int) -> None:
-    """Serve `artifact` until interrupted."""
+    """Serve `artifact` until interrupted; beyond loopback only with a write key."""
+    check_host(host, artifact.config.serve.write_key_env)
     if artifact.config.serve.torch_threads:
         torch.set_num_threads(artifact.config.serve.torch_threads)
     uvicorn.run(create_app(artifact), host=host, port=port, log_level="warning", access_log=False)

@@ -34,6 +34,9 @@ FORMAT = 1
 SAMPLE_USERS = 1000  # held-out histories kept for index recall checks and load tests
 WEIGHT_PARTS = {"item_llm/model.safetensors": "item_encoder.", "user_llm/model.safetensors": "user_encoder."}
 HEAD_WEIGHTS = "head.safetensors"  # the adaptor (projection) and the temperature
+# Text+ID items' ID rows are already in embeddings.npy; the served model encodes new items, which
+# have no ID row, from their text alone, so it is built and stored without the ID table.
+ID_ROWS = "item_ids."
 LIBRARIES = ("torch", "transformers", "safetensors", "numpy", "faiss-cpu", "fastapi")
 
 
@@ -51,6 +54,7 @@ class Artifact:
     texts: list[str]
     embeddings: np.ndarray  # (N, D) float32, L2-normalised; row 0 = PAD
     histories: list[list[str]] = field(default_factory=list)
+    users: list[str] = field(default_factory=list)  # raw user id of each sample history
 
     @property
     def text_fields(self) -> list[str]:
@@ -64,7 +68,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
         raise UserError("already exists; choose a new folder or delete it", where=str(out_dir))
     run = load_run(run_dir, checkpoint=checkpoint)
     if run.config.model.kind != "hllm":
-        raise UserError(f"only hllm runs can be served, not {run.config.model.kind!r}", where="model.kind")
+        raise UserError(
+            f"only hllm runs can be served, not {run.config.model.kind!r} (no Item LLM encodes new items)",
+            where="model.kind",
+        )
     table = item_table(
         run.model, run.data.num_items, run.item_tokens, batch_size=run.config.eval.item_batch_size
     )
@@ -83,7 +90,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
             list(run.data.item_text),
             table.float().numpy(),
         )
-        write_json(folder / "histories.json", _sample_histories(run.data, run.config))
+        users, histories = _sample_histories(run.data, run.config)
+        write_json(folder / "histories.json", histories)
+        write_json(folder / "users.json", users)
         write_manifest(folder, _describe(run, checkpoint, table.shape[1]))
         folder.chmod(0o755)  # a temporary folder is private; an artifact is meant to be shared
 
@@ -92,7 +101,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
 
 
 def _write_weights(folder: Path, state: dict[str, torch.Tensor]) -> None:
-    state = {name: tensor.detach().contiguous().clone() for name, tensor in state.items()}
+    state = {
+        name: tensor.detach().contiguous().clone()
+        for name, tensor in state.items()
+        if not name.startswith(ID_ROWS)
+    }
     rest = dict(state)
     for path, prefix in WEIGHT_PARTS.items():
         save_file({k: rest.pop(k) for k in state if k.startswith(prefix)}, str(folder / path))
@@ -106,12 +119,13 @@ def write_catalogue(folder: Path, item_ids: list, titles: list, texts: list, emb
     np.save(folder / "embeddings.npy", np.ascontiguousarray(embeddings, dtype=np.float32))
 
 
-def _sample_histories(data: SequenceData, config: RunConfig) -> list[list[str]]:
-    """Test-split histories of up to SAMPLE_USERS users (raw ids): queries no index was built from."""
+def _sample_histories(data: SequenceData, config: RunConfig) -> tuple[list[str], list[list[str]]]:
+    """Up to SAMPLE_USERS users and their test-split histories (raw ids): queries no index was built from."""
     users = np.random.default_rng(config.train.seed).permutation(data.num_users)[:SAMPLE_USERS]
-    return [
+    histories = [
         [str(data.item_ids[i]) for i in data.history(u, "test")[-config.data.max_history :]] for u in users
     ]
+    return [str(data.user_ids[u]) for u in users], histories
 
 
 def _describe(run, checkpoint: str, width: int) -> dict:
@@ -201,14 +215,20 @@ def load_artifact(folder: str | Path, overrides: list[str] | None = None, *, ver
     if embeddings.shape != (len(items), manifest["model"]["dim"]):
         raise UserError(f"embeddings {embeddings.shape} do not fit {len(items)} items", where=str(folder))
     histories = json.loads((folder / "histories.json").read_text(encoding="utf-8"))
+    users_file = folder / "users.json"  # artifacts exported before it existed number their samples
+    users = (
+        json.loads(users_file.read_text(encoding="utf-8"))
+        if users_file.is_file()
+        else [f"sample-{i}" for i in range(len(histories))]
+    )
     tokenizer = AutoTokenizer.from_pretrained(folder / "item_llm")
     columns = [items[name].astype(str).tolist() for name in ("id", "title", "text")]
-    return Artifact(folder, config, manifest, model, tokenizer, *columns, embeddings, histories)
+    return Artifact(folder, config, manifest, model, tokenizer, *columns, embeddings, histories, users)
 
 
 def _load_model(folder: Path, config: RunConfig, manifest: dict) -> torch.nn.Module:
     """The exported architecture from the artifact's own backbone configs, then its weights (strict)."""
-    item = replace(config.model.item, backbone=str(folder / "item_llm"), pretrained=False)
+    item = replace(config.model.item, backbone=str(folder / "item_llm"), pretrained=False, id_embedding=False)
     user = replace(config.model.user, backbone=str(folder / "user_llm"), pretrained=False)
     local = replace(config, model=replace(config.model, item=item, user=user))
     # build_model tokenises the catalogue it is given; serving needs no catalogue tokens, so give it
@@ -239,8 +259,8 @@ def _load_model(folder: Path, config: RunConfig, manifest: dict) -> torch.nn.Mod
 @torch.inference_mode()
 def encode_texts(artifact: Artifact, texts: list[str]) -> np.ndarray:
     """Item LLM embeddings (n, D) of rendered item texts: how a cold-start item enters the catalogue."""
-    tokens = tokenize_items(texts, artifact.tokenizer, artifact.config.data.max_text_tokens)
-    packed = pack_items(tokens, np.arange(len(texts)), slots=artifact.model.item_slots)
+    item_tokens = tokenize_items(texts, artifact.tokenizer, artifact.config.data.max_text_tokens)
+    packed = pack_items(item_tokens, np.arange(len(texts)), appended_tokens=artifact.model.appended_tokens)
     return artifact.model.encode_items(torch.arange(len(texts)), packed).float().numpy()
 
 

@@ -22,8 +22,7 @@ from hllm.errors import UserError
 from hllm.files import atomic_write, write_json
 from hllm.serving.export import Artifact, encode_histories
 
-KINDS = ("exact", "hnsw", "ivf")
-RECALL_K = 10
+OVERLAP_K = 10
 QUERY_TIME = {"hnsw_ef_search": "efSearch", "ivf_probes": "nprobe"}  # setting -> faiss parameter
 
 
@@ -58,8 +57,6 @@ def build_index(
             index.cp.max_points_per_centroid = 64  # k-means on a sample: minutes -> seconds at 1M items
             index.train(vectors)
             index.nprobe = ivf_probes
-        case _:
-            raise UserError(f"unknown index kind {kind!r}; use {', '.join(KINDS)}", where="serve.index")
     index.add(vectors)
     return index
 
@@ -76,12 +73,10 @@ def settings_of(serve: ServeConfig, kind: str | None = None) -> dict:
         },
         "ivf": {"ivf_lists": serve.ivf_lists, "ivf_probes": serve.ivf_probes},
     }
-    if kind not in params:
-        raise UserError(f"unknown index kind {kind!r}; use {', '.join(KINDS)}", where="serve.index")
     return {"kind": kind, **params[kind]}
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+def overlap_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean share of each query's true top-k (B, k) that the approximate top-k (B, k) also found."""
     hits = [len(set(a[a >= 0].tolist()) & set(t.tolist())) for a, t in zip(found, truth)]
     return float(np.mean(hits) / truth.shape[1])
@@ -197,7 +192,7 @@ def index_artifact(artifact: Artifact, kind: str) -> dict:
     index = open_index(artifact, settings)
     build_seconds = time.perf_counter() - start
     exact = build_index(artifact.embeddings[1:], "exact")
-    k = min(RECALL_K, exact.ntotal)
+    k = min(OVERLAP_K, exact.ntotal)
     report = {**settings, "items": exact.ntotal, "queries": len(queries), "build_s": round(build_seconds, 2)}
     found = {}
     for name, searched in (("exact", exact), (kind, index)):
@@ -206,5 +201,6 @@ def index_artifact(artifact: Artifact, kind: str) -> dict:
             [searched.search(q[None], k)[1][0] for q in queries]
         )  # one query per call, as served
         report[f"{name}_ms_per_query"] = round(1000 * (time.perf_counter() - start) / len(queries), 3)
-    report[f"recall@{RECALL_K}"] = recall_at_k(found[kind], found["exact"])
+    # The ANN literature's "recall@k"; the key stays as committed benchmarks/serve/serve.json has it.
+    report[f"recall@{OVERLAP_K}"] = overlap_at_k(found[kind], found["exact"])
     return report

@@ -6,7 +6,7 @@ categories). Out: a `Verdict` whose reasons ("kind: detail") say what was unsupp
 Every check is deterministic and errs towards keeping faithful rewrites, so it has known blind spots:
 - Title-Case words in the middle of a title are never judged, so typos ("Brace" for "Brake") and invented
   ordinary words ("Tireless") pass. An invented Capitalised word is caught only as the *first* word (the
-  brand slot in Amazon titles, where the teacher puts names like "Smokey") and only when it is neither in
+  brand position in Amazon titles, where the teacher puts names like "Smokey") and only when it is neither in
   the source nor in `_COMMON_WORDS`, a short list of audience and marketing words; a faithful rewrite that
   opens with an ordinary word missing from that list ("Boost", "Innovative") is a false positive.
 - Words are supported up to a plural "s"/"es"; number words one..twelve equal their digits; "pack",

@@ -190,4 +190,3 @@ def open_chat_model(config: LLMConfig) -> ChatModel:
             return OpenAIChat(config)
         case "local":
             return LocalChat(config)
-    raise UserError(f"unknown backend {config.backend!r}; use local or openai", where="backend")

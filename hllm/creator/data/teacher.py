@@ -18,15 +18,18 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from hllm.config import CreatorDataConfig, DataConfig, LLMConfig
+from hllm.creator.data.grounded import VERSION as GROUNDED_VERSION
+from hllm.creator.data.grounded import ground
 from hllm.creator.data.hallucination import REASONS, check_title, collect_brands
 from hllm.creator.data.llm import ChatModel, open_chat_model
-from hllm.creator.data.prompts import PROFILE, REWRITE, VERIFY
+from hllm.creator.data.prompts import POLISH, PROFILE, REWRITE, VERIFY
 from hllm.creator.data.stages import Parsed, PartStore, Stage, claim_folder, run_stage, stage_values
 from hllm.data.dataset import TITLE_FIELDS, SequenceData, prepare_dataset
 from hllm.data.formats import locate, read_source
@@ -53,7 +56,10 @@ def read_catalogue(config: DataConfig) -> pd.DataFrame:
         )
     items = items.drop_duplicates("item", keep="last").set_index("item")
     text = items.astype("string").fillna("").apply(lambda column: column.str.strip())
-    others = [name for name in items.columns if name != title_field]
+    # shortest fields first, so a cut to `fact_chars` loses description, not brand or categories
+    others = sorted(
+        (name for name in items.columns if name != title_field), key=lambda n: text[n].str.len().mean()
+    )
     labelled = [(f"{name}: " + text[name]).where(text[name] != "") for name in others]
     points = pd.concat(labelled, axis=1).apply(lambda row: "; ".join(row.dropna()), axis=1) if others else ""
     category_field = next((name for name in CATEGORY_FIELDS if name in items.columns), None)
@@ -62,7 +68,9 @@ def read_catalogue(config: DataConfig) -> pd.DataFrame:
             "title": text[title_field],
             "selling_points": points,
             "category": text[category_field].str.split(",").str[-1].str.strip() if category_field else "",
+            "categories": text[category_field] if category_field else "",
             "brand": text["brand"] if "brand" in items.columns else "",
+            "description": text["description"] if "description" in items.columns else "",
         },
         index=items.index,
     )
@@ -164,6 +172,9 @@ REWRITE_STAGE = Stage(
     ),
     parse_title,
 )
+POLISH_STAGE = Stage(
+    "polish", POLISH.version, lambda row: POLISH.render(title=row["grounded_title"]), parse_title
+)
 VERIFY_STAGE = Stage(
     "verify",
     VERIFY.version,
@@ -177,39 +188,49 @@ VERIFY_STAGE = Stage(
 def build_data(
     data_config: DataConfig, settings: CreatorDataConfig, teacher: LLMConfig, out_dir: str | Path
 ) -> dict:
-    """Run the three stages into `out_dir` (resuming what is there); return the report."""
+    """Title the sampled rows into `out_dir` (resuming what is there); return the report.
+
+    `teacher.backend` grounded titles them from the item's own text (`grounded.py`), optionally
+    reworded by the `creator.data.polish` LLM; local and openai run the profile and rewrite stages."""
     started = time.perf_counter()
     out = Path(out_dir)
     catalogue = read_catalogue(data_config)
     rows = select_rows(prepare_dataset(data_config), catalogue, settings)
+    grounded = teacher.backend == "grounded"
+    if grounded:
+        polish = settings.polish != "none"
+        prompts = {"profile": GROUNDED_VERSION, "rewrite": GROUNDED_VERSION}
+        prompts |= {"polish": POLISH.version if polish else None, "verify": VERIFY.version}
+        llm = replace(teacher, backend=settings.polish) if polish else None
+    else:
+        prompts = {"profile": PROFILE.version, "rewrite": REWRITE.version, "verify": VERIFY.version}
+        llm = teacher
+    if settings.verify and llm is None:
+        raise UserError(
+            "the verifier is an LLM: with the grounded teacher, set --polish", "creator.data.verify"
+        )
     identity = {
         "dataset": str(data_config.path),
         "backend": teacher.backend,
-        "model": teacher.model,
-        "prompts": {"profile": PROFILE.version, "rewrite": REWRITE.version, "verify": VERIFY.version},
+        "model": settings.encoder if grounded else teacher.model,
+        "prompts": prompts,
         "history_items": settings.history_items,
         "fact_chars": settings.fact_chars,
         "seed": settings.seed,
     }
     claim_folder(out, identity)
-    chat = open_chat_model(teacher)
+    chat = open_chat_model(llm) if llm else None
     steps = {"chunk_rows": settings.chunk_rows, "attempts": teacher.attempts}
-
-    users = rows.drop_duplicates("user_id")
-    profiles = run_stage(PROFILE_STAGE, users, PartStore(out / "profile", ["user_id"]), chat, **steps)
-    interests = stage_values(profiles, ["user_id"], "interests")
-    with_interests = rows.merge(interests, on="user_id")
-    rewrites = run_stage(
-        REWRITE_STAGE, with_interests, PartStore(out / "rewrite", ["user_id", "item_id"]), chat, **steps
-    )
-    titled = with_interests.merge(stage_values(rewrites, ["user_id", "item_id"], "personalised_title"))
+    if grounded:
+        titled, failed = _grounded(rows, catalogue, settings, chat, out, steps)
+    else:
+        titled, failed = _llm_titles(rows, chat, out, steps)
     titled = _filter(titled, catalogue, settings, chat, out, steps)
 
     table = titled.drop(columns=["source_text"]).assign(
-        backend=chat.backend,
-        model=chat.model,
-        profile_prompt=PROFILE.version,
-        rewrite_prompt=REWRITE.version,
+        backend=teacher.backend,
+        model=identity["model"],
+        **{f"{stage}_prompt": version for stage, version in prompts.items() if stage != "verify"},
         verify_prompt=VERIFY.version if settings.verify else None,
     )
     atomic_write(out / "rows.parquet", lambda tmp: table.to_parquet(tmp, index=False))
@@ -218,18 +239,51 @@ def build_data(
         "rows": len(rows),
         "kept": int(table["kept"].sum()),
         "rejected": _rejections(table),
-        "failed": {"profile": _failures(profiles, users), "rewrite": _failures(rewrites, with_interests)},
+        "failed": failed,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(out / "report.json", report)
     return report
 
 
+def _llm_titles(rows: pd.DataFrame, chat: ChatModel, out: Path, steps: dict) -> tuple[pd.DataFrame, dict]:
+    """The profile and rewrite stages: rows with `interests` and `personalised_title`, and failures."""
+    users = rows.drop_duplicates("user_id")
+    profiles = run_stage(PROFILE_STAGE, users, PartStore(out / "profile", ["user_id"]), chat, **steps)
+    with_interests = rows.merge(stage_values(profiles, ["user_id"], "interests"), on="user_id")
+    rewrites = run_stage(
+        REWRITE_STAGE, with_interests, PartStore(out / "rewrite", ["user_id", "item_id"]), chat, **steps
+    )
+    titled = with_interests.merge(stage_values(rewrites, ["user_id", "item_id"], "personalised_title"))
+    return titled, {"profile": _failures(profiles, users), "rewrite": _failures(rewrites, with_interests)}
+
+
+def _grounded(
+    rows: pd.DataFrame,
+    catalogue: pd.DataFrame,
+    settings: CreatorDataConfig,
+    chat: ChatModel | None,
+    out: Path,
+    steps: dict,
+) -> tuple[pd.DataFrame, dict]:
+    """Grounded titles (and interests) for every row whose history has a category or brand; with a
+    polishing LLM, its rewording replaces each title (a malformed answer keeps the grounded one)."""
+    titled = ground(rows, catalogue, settings)
+    failed = {"grounded": {"no profile or no fact to add": len(rows) - len(titled)}}
+    if chat is None:
+        return titled.assign(personalised_title=titled["grounded_title"]), failed
+    key = ["user_id", "item_id"]
+    polished = run_stage(POLISH_STAGE, titled, PartStore(out / "polish", key), chat, **steps)
+    titled = titled.merge(stage_values(polished, key, "personalised_title"), on=key, how="left")
+    titled["personalised_title"] = titled["personalised_title"].fillna(titled["grounded_title"])
+    return titled, failed | {"polish": _failures(polished, titled)}
+
+
 def _filter(
     titled: pd.DataFrame,
     catalogue: pd.DataFrame,
     settings: CreatorDataConfig,
-    chat: ChatModel,
+    chat: ChatModel | None,
     out: Path,
     steps: dict,
 ) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Titles from a trained Creator: item facts from the catalogue, batched generation for given slot
+"""Titles from a trained Creator: item facts from the catalogue, batched generation for given user
 vectors, and `hllm creator generate` for one user and one item.
 
 Dims: B prompts, H creative width.
@@ -16,14 +16,14 @@ from torch import Tensor
 from hllm.config import DataConfig
 from hllm.creator.data.hallucination import Verdict, check_title, collect_brands
 from hllm.creator.data.teacher import read_catalogue
-from hllm.creator.model.model import CreativeLLM, left_pad
+from hllm.creator.model.model import CreativeLLM, pad_histories
 from hllm.errors import UserError
 
 SAMPLING_TEMPERATURE = 0.8  # `generate --n` samples when the configured temperature is greedy
 
 
 @dataclass
-class Catalogue:
+class ItemFacts:
     """Each item's original title and selling points (as build-data cut them), and what the
     hallucination filter checks a title against."""
 
@@ -32,7 +32,7 @@ class Catalogue:
     brands: set[str]
 
     @classmethod
-    def read(cls, config: DataConfig, fact_chars: int) -> Catalogue:
+    def read(cls, config: DataConfig, fact_chars: int) -> ItemFacts:
         items = read_catalogue(config)
         return cls(items, fact_chars, collect_brands(items["brand"]))
 
@@ -59,24 +59,24 @@ class Catalogue:
 def generate_titles(
     model: CreativeLLM,
     facts: list[tuple[str, str]],
-    slots: Tensor | None,
+    projected: Tensor | None,
     *,
     batch_size: int,
     max_new_tokens: int,
     temperature: float = 0.0,
     n: int = 1,
 ) -> list[list[str]]:
-    """`n` titles for each (original title, selling points), the i-th conditioned on `slots[i]`
-    (None: no [USER] slot at all, the no-user ablation). Prompts of similar length share a batch."""
-    prompts = [model.layout.prompt(title, points, with_user=slots is not None) for title, points in facts]
+    """`n` titles for each (original title, selling points), the i-th conditioned on `projected[i]`
+    (None: no [USER] position at all, the no-user ablation). Prompts of similar length share a batch."""
+    prompts = [model.layout.prompt(title, points, with_user=projected is not None) for title, points in facts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
     titles: list[list[str]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
-        batch_slots = None if slots is None else slots[chosen]
+        batch_projected = None if projected is None else projected[chosen]
         answers = model.generate(
             [prompts[i] for i in chosen],
-            batch_slots,
+            batch_projected,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             n=n,
@@ -87,13 +87,13 @@ def generate_titles(
 
 
 @torch.no_grad()
-def user_slots(
+def project_users(
     model: CreativeLLM, histories: list[np.ndarray], max_history: int, *, batch_size: int
 ) -> Tensor:
     """Projected user embeddings (B, H) of histories of internal item ids, in batches."""
     rows = [
-        model.slot_vectors(
-            left_pad(histories[i : i + batch_size], max_history).to(model.projector.weight.device)
+        model.projected_users(
+            pad_histories(histories[i : i + batch_size], max_history).to(model.projector.weight.device)
         )
         for i in range(0, len(histories), batch_size)
     ]
@@ -105,15 +105,15 @@ def personalise(run, user_id: str, item_id: str, *, n: int = 3) -> dict:
     original title, the user's recent items and each title's filter verdict."""
     data, settings = run.hllm.data, run.config.creator.infer
     history = data.sequence(data.user_index(user_id))
-    catalogue = Catalogue.read(run.hllm.config.data, run.config.creator.data.fact_chars)
+    catalogue = ItemFacts.read(run.hllm.config.data, run.config.creator.data.fact_chars)
     title, points = catalogue.facts(item_id)
     data.item_index(item_id)  # the HLLM must know the item too
-    slots = user_slots(run.model, [history], run.hllm.config.data.max_history, batch_size=1)
+    projected = project_users(run.model, [history], run.hllm.config.data.max_history, batch_size=1)
     temperature = settings.temperature or (SAMPLING_TEMPERATURE if n > 1 else 0.0)
     titles = generate_titles(
         run.model,
         [(title, points)],
-        slots,
+        projected,
         batch_size=1,
         max_new_tokens=settings.max_new_tokens,
         temperature=temperature,

@@ -1,6 +1,6 @@
 """`hllm creator infer`: the serving path at scale, every step resumable in OUT.
 
-1. embed:    every user's slot vector (the projected HLLM user embedding), in shards
+1. embed:    every user's projected user vector (the HLLM user embedding in the LM's width), in shards
              `embeddings/part-NNNNN.parquet`; shard s belongs to rank s mod world_size, so the step
              runs as several processes (torchrun / Fabric) or through `UserEmbedder` on Ray Data;
 2. cluster:  faiss k-means over them, each user assigned to its nearest centroid in L2
@@ -25,22 +25,23 @@ import torch
 
 from hllm.creator.data.stages import PartStore, claim_folder
 from hllm.creator.infer.clusters import assign_clusters, fit_kmeans, top_clusters
-from hllm.creator.infer.generation import Catalogue, generate_titles, user_slots
+from hllm.creator.infer.generation import ItemFacts, generate_titles, project_users
 from hllm.creator.model.training import CreatorRun, load_creator
 from hllm.errors import UserError
 from hllm.files import atomic_write
+from hllm.train import launch_fabric
 
 PAIR_KEY = ["cluster", "item_id"]
 
 
 def embed_users(run: CreatorRun, user_ids: list[str]) -> np.ndarray:
-    """Slot vectors (U, H) float32 of dataset users (their whole sequences are the history)."""
+    """Projected user vectors (U, H) float32 of dataset users (their whole sequences are the history)."""
     data = run.hllm.data
     histories = [data.sequence(data.user_index(user)) for user in user_ids]
-    slots = user_slots(
+    projected = project_users(
         run.model, histories, run.hllm.config.data.max_history, batch_size=run.config.creator.infer.batch_size
     )
-    return slots.float().cpu().numpy()
+    return projected.float().cpu().numpy()
 
 
 class UserEmbedder:
@@ -139,20 +140,20 @@ def score_pairs(run: CreatorRun, centroids: np.ndarray, items: list[str]) -> pd.
 
 
 def write_titles(
-    run: CreatorRun, out: Path, centroids: np.ndarray, pairs: pd.DataFrame, catalogue: Catalogue
+    run: CreatorRun, out: Path, centroids: np.ndarray, pairs: pd.DataFrame, catalogue: ItemFacts
 ) -> int:
     """Generate the missing titles, one part per batch; return how many were generated."""
     settings = run.config.creator.infer
     store = PartStore(out / "titles", PAIR_KEY)
     done = store.done()
     todo = pairs[[key not in done for key in pairs[PAIR_KEY].itertuples(index=False, name=None)]]
-    slots = torch.from_numpy(centroids).to(run.model.projector.weight.device)
+    projected = torch.from_numpy(centroids).to(run.model.projector.weight.device)
     for start in range(0, len(todo), settings.generate_batch):
         chunk = todo.iloc[start : start + settings.generate_batch]
         titles = generate_titles(
             run.model,
             [catalogue.facts(item) for item in chunk["item_id"]],
-            slots[torch.tensor(chunk["cluster"].to_numpy())],
+            projected[torch.tensor(chunk["cluster"].to_numpy())],
             batch_size=settings.generate_batch,
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,
@@ -166,7 +167,7 @@ def infer(run: CreatorRun, out: str | Path, *, items: list[str] | None = None) -
     started, out = time.perf_counter(), Path(out)
     settings = run.config.creator.infer
     items = chosen_items(run, items or settings.items)
-    catalogue = Catalogue.read(run.hllm.config.data, run.config.creator.data.fact_chars)
+    catalogue = ItemFacts.read(run.hllm.config.data, run.config.creator.data.fact_chars)
     centroids = cluster_users(run, out)
     pairs = score_pairs(run, centroids, items)
     generated = write_titles(run, out, centroids, pairs, catalogue)
@@ -199,17 +200,15 @@ def infer(run: CreatorRun, out: str | Path, *, items: list[str] | None = None) -
 def start_infer(run_dir: str | Path, out: str | Path, *, items: list[str] | None = None) -> dict:
     """The whole `infer` command: claim OUT, embed on every process, then cluster, prune and
     generate on rank 0 (other ranks return {})."""
-    import lightning as L
-
     out = Path(out)
     run = load_creator(run_dir)
     settings = run.config.creator.infer
-    fabric = L.Fabric(
+    fabric = launch_fabric(
+        "train.accelerator/creator.infer.devices",
         accelerator=run.config.train.accelerator,
         devices=settings.devices,
         strategy="ddp" if settings.devices > 1 else "auto",
     )
-    fabric.launch()
     run.model.to(fabric.device)
     identity = {
         "run": str(Path(run_dir).resolve()),

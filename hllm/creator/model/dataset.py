@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from hllm.creator.model.layout import PromptLayout, Sequence, pad
-from hllm.creator.model.model import CreatorBatch, left_pad
+from hllm.creator.model.model import CreatorBatch, pad_histories
 from hllm.data.dataset import SequenceData
 from hllm.errors import UserError
 
@@ -50,6 +50,11 @@ def read_rows(path: str | Path) -> pd.DataFrame:
     return rows.reset_index(drop=True)
 
 
+def trainable_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows with a profile: every one trains recon, align and cls; the kept ones also creative."""
+    return rows[rows["interests"].map(lambda interests: interests is not None and len(interests) > 0)]
+
+
 def held_out_users(rows: pd.DataFrame, share: float, seed: int) -> list[str]:
     """A seeded draw of `share` of the rows' users (at least one when share > 0 and there are two)."""
     users = sorted(rows["user_id"].unique())
@@ -78,15 +83,23 @@ class Example:
 
 
 def make_examples(rows: pd.DataFrame, data: SequenceData, layout: PromptLayout) -> list[Example]:
-    """One example per row; an unknown user or item id is a one-line error naming it."""
+    """One example per row; an unknown user or item id is a one-line error naming it.
+
+    A row whose title the filter rejected has no creative target: its creative sequence is the
+    prompt alone, every label IGNORE."""
     examples = []
     for row in rows.itertuples(index=False):
         user, item = data.user_index(row.user_id), data.item_index(row.item_id)
         interests = list(row.interests) if row.interests is not None else []
+        creative = (
+            layout.creative(row.original_title, row.selling_points, row.personalised_title)
+            if row.kept
+            else layout.prompt(row.original_title, row.selling_points)
+        )
         examples.append(
             Example(
                 history_before(data, user, item),
-                layout.creative(row.original_title, row.selling_points, row.personalised_title),
+                creative,
                 layout.recon(interests),
                 layout.profile(interests),
                 item,
@@ -97,6 +110,10 @@ def make_examples(rows: pd.DataFrame, data: SequenceData, layout: PromptLayout) 
 
 class CreatorBatches:
     """Seeded, epoch-shuffled batches of examples; batch `index` of an epoch is always the same.
+
+    Each process (rank) reads its own share of an epoch's order, every `world_size`-th example;
+    the order wraps round to a multiple of `world_size` so every rank runs as many batches (as
+    torch's DistributedSampler does: a few examples come twice when the count does not divide).
 
     cls negatives of a row: the other rows' items plus `catalogue_negatives` random items; a
     negative equal to the row's own item or in its history does not count.
@@ -113,20 +130,30 @@ class CreatorBatches:
         catalogue_negatives: int = 8,
         seed: int = 0,
         shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.examples, self.batch_size, self.max_history = examples, batch_size, max_history
         self.num_items, self.pad_id, self.catalogue_negatives = num_items, pad_id, catalogue_negatives
         self.seed, self.shuffle = seed, shuffle
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.order = np.arange(len(examples))
+        self.order = self._share(np.arange(len(examples)))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         if self.shuffle:
-            self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+            self.order = self._share(
+                np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+            )
+
+    def _share(self, order: np.ndarray) -> np.ndarray:
+        """This rank's examples of the epoch's `order` (all of them on one process)."""
+        wrapped = np.resize(order, math.ceil(len(order) / self.world_size) * self.world_size)
+        return wrapped[self.rank :: self.world_size]
 
     def __len__(self) -> int:
-        return math.ceil(len(self.examples) / self.batch_size)
+        return math.ceil(len(self.order) / self.batch_size)
 
     def __getitem__(self, index: int) -> CreatorBatch:
         if not 0 <= index < len(self):
@@ -134,7 +161,7 @@ class CreatorBatches:
         chosen = [
             self.examples[i] for i in self.order[index * self.batch_size : (index + 1) * self.batch_size]
         ]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, self.epoch, index * self.world_size + self.rank])
         items = torch.tensor([example.item for example in chosen])
         others = items.unsqueeze(0).expand(len(chosen), -1)[~torch.eye(len(chosen), dtype=torch.bool)]
         drawn = torch.from_numpy(rng.integers(1, self.num_items, (len(chosen), self.catalogue_negatives)))
@@ -144,7 +171,7 @@ class CreatorBatches:
             [[int(n) not in seen[r] for n in row] for r, row in enumerate(negatives.tolist())]
         )
         return CreatorBatch(
-            history=left_pad([example.history for example in chosen], self.max_history),
+            history=pad_histories([example.history for example in chosen], self.max_history),
             creative=pad([example.creative for example in chosen], self.pad_id),
             recon=pad([example.recon for example in chosen], self.pad_id),
             profile=pad([Sequence(e.profile, [0] * len(e.profile)) for e in chosen], self.pad_id),

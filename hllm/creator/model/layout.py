@@ -25,11 +25,11 @@ RECON_CUE = "\nThis shopper is interested in:\n"
 
 @dataclass(frozen=True)
 class Sequence:
-    """Token ids with their labels (IGNORE outside the target) and the [USER] slot (-1: none)."""
+    """Token ids with their labels (IGNORE outside the target) and the [USER] position (-1: none)."""
 
     ids: list[int]
     labels: list[int]
-    slot: int = -1
+    user_position: int = -1
 
 
 def profile_text(interests: list[str]) -> str:
@@ -68,7 +68,7 @@ class PromptLayout:
         )
 
     def prompt(self, title: str, points: str, *, with_user: bool = True) -> Sequence:
-        """The generation prompt; `with_user=False` drops the [USER] slot (the no-user ablation)."""
+        """The generation prompt; `with_user=False` drops the [USER] position (the no-user ablation)."""
         user = [self.placeholder] if with_user else []
         ids = self._header + user + self._body(title, points)
         return Sequence(ids, [IGNORE] * len(ids), len(self._header) if with_user else -1)
@@ -76,7 +76,7 @@ class PromptLayout:
     def creative(self, title: str, points: str, target: str) -> Sequence:
         prompt = self.prompt(title, points)
         answer = self._encode(" " + target.strip(), self.max_title_tokens) + [self.eos]
-        return Sequence(prompt.ids + answer, prompt.labels + answer, prompt.slot)
+        return Sequence(prompt.ids + answer, prompt.labels + answer, prompt.user_position)
 
     def recon(self, interests: list[str]) -> Sequence:
         cue = [self.placeholder] + self._encode(RECON_CUE)
@@ -90,30 +90,32 @@ class PromptLayout:
 
 @dataclass
 class Padded:
-    """Sequences padded to the longest: ids, attention mask, labels, slot index per row."""
+    """Sequences padded to the longest: ids, attention mask, labels, [USER] position per row."""
 
     ids: Tensor  # (B, T)
     mask: Tensor  # (B, T) bool
     labels: Tensor  # (B, T)
-    slot: Tensor  # (B,) index of the [USER] slot, -1 where none
+    user_position: Tensor  # (B,) index of the [USER] position, -1 where none
 
     def to(self, device: torch.device | str) -> Padded:
-        return Padded(self.ids.to(device), self.mask.to(device), self.labels.to(device), self.slot.to(device))
+        return Padded(
+            self.ids.to(device), self.mask.to(device), self.labels.to(device), self.user_position.to(device)
+        )
 
 
 def pad(sequences: list[Sequence], pad_id: int, *, side: str = "right") -> Padded:
-    """Pad to the longest sequence of the batch; left padding (for generation) shifts the slots."""
+    """Pad to the longest sequence of the batch; left padding (for generation) shifts the [USER] positions."""
     width = max(len(s.ids) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     labels = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.bool)
-    slot = torch.full((len(sequences),), -1, dtype=torch.long)
+    user_position = torch.full((len(sequences),), -1, dtype=torch.long)
     for row, sequence in enumerate(sequences):
         start = width - len(sequence.ids) if side == "left" else 0
         end = start + len(sequence.ids)
         ids[row, start:end] = torch.tensor(sequence.ids)
         labels[row, start:end] = torch.tensor(sequence.labels)
         mask[row, start:end] = True
-        if sequence.slot >= 0:
-            slot[row] = start + sequence.slot
-    return Padded(ids, mask, labels, slot)
+        if sequence.user_position >= 0:
+            user_position[row] = start + sequence.user_position
+    return Padded(ids, mask, labels, user_position)

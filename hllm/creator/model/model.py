@@ -1,14 +1,15 @@
 """CreativeLLM: an HLLM user embedding, projected into a causal LM's input space, written into the
-[USER] slot of the prompt; the LM writes the title for that user.
+[USER] position of the prompt; the LM writes the title for that user.
 
 Losses (each weighted, 0 = off): creative (the target title), recon (the interest profile from the
-same slot vector), align (InfoNCE between the user embedding and the LM's encoding of the profile),
+same projected user vector), align (InfoNCE between the user embedding and the LM's encoding of the profile),
 cls (user-item matching; scores (cluster, item) pairs at inference).
 Dims: B rows, L history, T tokens, Du User LLM width, H creative width, K negatives.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from hllm.creator.model.heads import Matcher
 from hllm.creator.model.layout import Padded, PromptLayout, Sequence, pad
-from hllm.creator.model.losses import align_loss, matching_loss, target_token_loss
+from hllm.creator.model.losses import IGNORE, align_loss, matching_loss, target_token_loss
 from hllm.data.text import ItemTokens, pack_items
 from hllm.models.hllm import HLLM
 from hllm.models.losses import LogitScale
@@ -112,6 +113,13 @@ class CreativeLLM(nn.Module):
         self.register_buffer("item_table", None, persistent=False)
         self.last_stats: dict[str, float] = {}
 
+    def share_negatives(
+        self, gather: Callable[[Tensor], Tensor], gather_ids: Callable[[Tensor], Tensor]
+    ) -> None:
+        """Part of the training loop's `Trainable`: the cls negatives of a row are the batch's
+        other items and random catalogue items, scored on this process, so there is no shared
+        bank to gather into."""
+
     def train(self, mode: bool = True) -> CreativeLLM:
         super().train(mode)
         if not self.train_hllm:
@@ -134,7 +142,9 @@ class CreativeLLM(nn.Module):
     def _encode_items(self, ids: Tensor) -> Tensor:
         text = None
         if self.hllm.needs_text:
-            text = pack_items(self.item_tokens, ids.cpu().numpy(), slots=self.hllm.item_slots).to(ids.device)
+            text = pack_items(
+                self.item_tokens, ids.cpu().numpy(), appended_tokens=self.hllm.appended_tokens
+            ).to(ids.device)
         return self.hllm.encode_items(ids, text)
 
     def item_vectors(self, ids: Tensor) -> Tensor:
@@ -157,17 +167,17 @@ class CreativeLLM(nn.Module):
             hidden = encoder(with_query, F.pad(mask, (0, 1), value=True))[:, -1]
         return F.normalize(hidden.float(), dim=-1)
 
-    def slot_vectors(self, history: Tensor) -> Tensor:
-        """What the [USER] slot receives: the projected user embedding (B, H)."""
+    def projected_users(self, history: Tensor) -> Tensor:
+        """What the [USER] position receives: the projected user embedding (B, H)."""
         return self.projector(self.user_vectors(history))
 
-    def embed(self, padded: Padded, slots: Tensor | None) -> Tensor:
-        """Token embeddings (B, T, H) with each row's [USER] slot overwritten by `slots` (B, H)."""
+    def embed(self, padded: Padded, projected: Tensor | None) -> Tensor:
+        """Token embeddings (B, T, H) with each row's [USER] position overwritten by `projected` (B, H)."""
         embeddings = self.lm.get_input_embeddings()(padded.ids)
-        if slots is None:
+        if projected is None:
             return embeddings
-        rows = (padded.slot >= 0).nonzero().squeeze(-1)
-        return embeddings.index_put((rows, padded.slot[rows]), slots[rows].to(embeddings.dtype))
+        rows = (padded.user_position >= 0).nonzero().squeeze(-1)
+        return embeddings.index_put((rows, padded.user_position[rows]), projected[rows].to(embeddings.dtype))
 
     def hidden_states(self, padded: Padded, embeddings: Tensor) -> Tensor:
         """The LM's last hidden states (B, T, H); positions count real tokens only."""
@@ -192,14 +202,14 @@ class CreativeLLM(nn.Module):
 
     def training_loss(self, batch: CreatorBatch) -> Tensor:
         users = self.user_vectors(batch.history)  # (B, Du)
-        slots = self.projector(users)  # (B, H)
+        projected = self.projector(users)  # (B, H)
         head = self.lm.get_output_embeddings()
         losses: dict[str, Tensor] = {}
-        if self.weights.creative:
-            hidden = self.hidden_states(batch.creative, self.embed(batch.creative, slots))
+        if self.weights.creative and (batch.creative.labels != IGNORE).any():  # no kept row: no target
+            hidden = self.hidden_states(batch.creative, self.embed(batch.creative, projected))
             losses["creative"] = target_token_loss(hidden, batch.creative.labels, head)
         if self.weights.recon:
-            hidden = self.hidden_states(batch.recon, self.embed(batch.recon, slots))
+            hidden = self.hidden_states(batch.recon, self.embed(batch.recon, projected))
             losses["recon"] = target_token_loss(hidden, batch.recon.labels, head)
         if self.weights.align:
             profiles = self.encode_profiles(batch.profile)
@@ -209,7 +219,7 @@ class CreativeLLM(nn.Module):
             tower = self.matcher.item_tower
             losses["cls"] = matching_loss(
                 self.matcher.head,
-                self.matcher.user_tower(slots),
+                self.matcher.user_tower(projected),
                 tower(self.item_vectors(batch.items)),
                 tower(self.item_vectors(batch.negatives)),
                 batch.valid,
@@ -222,7 +232,7 @@ class CreativeLLM(nn.Module):
     def generate(
         self,
         prompts: list[Sequence],
-        slots: Tensor | None,
+        projected: Tensor | None,
         *,
         max_new_tokens: int,
         temperature: float = 0.0,
@@ -233,7 +243,7 @@ class CreativeLLM(nn.Module):
         tokenizer = self.layout.tokenizer
         sampling = {"temperature": temperature, "top_p": 0.95} if temperature > 0 else {}
         output = self.lm.generate(
-            inputs_embeds=self.embed(padded, slots),
+            inputs_embeds=self.embed(padded, projected),
             attention_mask=padded.mask.long(),
             max_new_tokens=max_new_tokens,
             num_return_sequences=n,
@@ -250,7 +260,7 @@ def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
-def left_pad(histories: list[np.ndarray], length: int) -> Tensor:
+def pad_histories(histories: list[np.ndarray], length: int) -> Tensor:
     """The last `length` items of each history, left-padded with 0 -> (B, length)."""
     rows = torch.zeros((len(histories), length), dtype=torch.long)
     for row, history in enumerate(histories):

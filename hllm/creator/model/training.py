@@ -1,41 +1,40 @@
 """`hllm creator train`: build the CreativeLLM from a trained HLLM run, fit it with the project's one
-training loop (`hllm.train.run_epochs`), select on held-out users' loss, and load it back.
+training setup (`hllm.train.run_training`), select on held-out users' loss, and load it back.
 
-A Creator run folder holds `config.yaml`, `split.json` (the held-out users), `checkpoints/`,
-`logs/` and `metrics.json`.
+A Creator run folder holds `config.yaml` (only the sections a Creator run reads), `split.json` (the
+held-out users), `checkpoints/`, `logs/` and `metrics.json`.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import pandas as pd
 import torch
+import yaml
 
-from hllm.config import RunConfig, dump_config, load_config
-from hllm.creator.model.dataset import CreatorBatches, held_out_users, make_examples, read_rows
+from hllm.config import RunConfig, absolute_paths, config_to_dict
+from hllm.creator.model.dataset import (
+    CreatorBatches,
+    held_out_users,
+    make_examples,
+    read_rows,
+    trainable_rows,
+)
 from hllm.creator.model.layout import PromptLayout
 from hllm.creator.model.model import CreativeLLM, LossWeights
+from hllm.epoch import TrainState
 from hllm.errors import UserError
-from hllm.files import write_json, write_text
 from hllm.models.backbone import load_causal_lm
 from hllm.models.build import add_lora
 from hllm.models.hllm import HLLM
-from hllm.runs import Run, checkpoint_path, load_run, read_checkpoint, run_folder
-from hllm.train import (
-    TrainState,
-    last_checkpoint,
-    make_fabric,
-    make_optimizer,
-    resume_state,
-    run_epochs,
-    training_schedule,
-)
+from hllm.runs import Run, checkpoint_path, load_run, model_weights, run_config
+from hllm.train import Job, run_training
+
+CREATOR_SECTIONS = ("name", "out_dir", "train", "eval", "creator")
 
 
 def load_hllm(config: RunConfig) -> Run:
@@ -95,71 +94,84 @@ class CreatorRun:
 
 
 def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = None) -> dict:
-    """Train the Creative LLM on the kept rows of the training users; return the metrics written.
+    """Train the Creative LLM on the training users' rows (creative loss on the kept ones) with the
+    project's one training setup, select on the held-out users' loss; return the metrics written.
 
     `hllm` may pass an already loaded HLLM run (the demo does, to encode the catalogue once)."""
-    folder = run_folder(config)
-    last = last_checkpoint(folder, resume=resume)
-    config = _absolute_paths(config)
-    rows = read_rows(config.creator.train.rows)
-    hllm = hllm or load_hllm(config)
-    held_out = held_out_users(rows, config.creator.train.holdout, config.creator.train.seed)
-    fabric = make_fabric(config, folder)
-    fabric.seed_everything(config.train.seed)
-    model = build_creator(config, hllm)
-    kept = rows[rows["kept"]]
-    training, validating = kept[~kept["user_id"].isin(held_out)], kept[kept["user_id"].isin(held_out)]
-    if training.empty:
-        raise UserError("no kept row belongs to a training user: build more rows", config.creator.train.rows)
-    batches = _batches(config, hllm, model, training, shuffle=True)
-    valid = _batches(config, hllm, model, validating)
-    if fabric.global_rank == 0:
-        write_text(folder / "config.yaml", dump_config(config))
-        write_json(folder / "split.json", {"held_out_users": held_out})
-    optimizer = make_optimizer(model, config)
-    scheduler = training_schedule(optimizer, config, len(batches))
-    model, optimizer = fabric.setup(model, optimizer)
-    model.mark_forward_method("training_loss")
-    model.module.cache_item_table(batch_size=config.eval.item_batch_size)
-    state = resume_state(fabric, last, model, optimizer, scheduler)
-    started = time.perf_counter()
-    run_epochs(
-        fabric,
-        model,
-        optimizer,
-        scheduler,
-        batches,
-        config=config,
-        state=state,
-        validate=lambda: validation_loss(model.module, valid, fabric.device),
-        record=lambda metrics: _record(fabric, state, metrics),
-    )
-    result = {
-        "seconds": round(time.perf_counter() - started, 1),
-        "steps": state.step,
-        "epochs": state.epoch,
-        "train_rows": len(training),
-        "held_out_users": len(held_out),
-        "trainable_params": sum(p.numel() for p in model.module.parameters() if p.requires_grad),
-        "valid_history": state.valid_history,
-    }
-    if fabric.global_rank == 0:
-        write_json(folder / "metrics.json", result)
-    return result
+    config = absolute_paths(config)
+
+    def prepare(fabric: L.Fabric) -> Job:
+        rows = read_rows(config.creator.train.rows)
+        run = hllm or load_hllm(config)
+        held_out = held_out_users(rows, config.creator.train.holdout, config.creator.train.seed)
+        model = build_creator(config, run)
+        usable = trainable_rows(rows)
+        training, validating = (
+            usable[~usable["user_id"].isin(held_out)],
+            usable[usable["user_id"].isin(held_out)],
+        )
+        if not training["kept"].any():
+            raise UserError(
+                "no kept row belongs to a training user: build more rows", config.creator.train.rows
+            )
+        valid = _batches(config, run, model, validating)
+
+        def finish(model: CreativeLLM, state: TrainState, seconds: float) -> dict:
+            return {
+                "seconds": round(seconds, 1),
+                "steps": state.step,
+                "epochs": state.epoch,
+                "best_epoch": state.best_epoch,
+                "train_rows": len(training),
+                "held_out_users": len(held_out),
+                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "valid_history": state.valid_history,
+            }
+
+        return Job(
+            model,
+            _batches(
+                config,
+                run,
+                model,
+                training,
+                shuffle=True,
+                rank=fabric.global_rank,
+                world_size=fabric.world_size,
+            ),
+            files={
+                "config.yaml": creator_config_yaml(config),
+                "split.json": json.dumps({"held_out_users": held_out}, indent=2) + "\n",
+            },
+            validate=lambda model: validation_loss(model, valid, fabric.device),
+            finish=finish,
+            metric="loss",
+            maximise=False,
+            ready=lambda model: model.cache_item_table(batch_size=config.eval.item_batch_size),
+        )
+
+    return run_training(config, prepare, resume=resume)
 
 
-def _absolute_paths(config: RunConfig) -> RunConfig:
-    """A copy whose HLLM run and rows paths are absolute, so the run folder works from anywhere."""
-    config = copy.deepcopy(config)
-    for settings, key in ((config.creator.model, "hllm_run"), (config.creator.train, "rows")):
-        if getattr(settings, key):
-            setattr(settings, key, str(Path(getattr(settings, key)).resolve()))
-    return config
+def creator_config_yaml(config: RunConfig) -> str:
+    """config.yaml of a Creator run: only the sections it reads (the HLLM run keeps its own data
+    and model); loading it back fills the others with their defaults."""
+    values = config_to_dict(config)
+    return yaml.safe_dump({key: values[key] for key in CREATOR_SECTIONS}, sort_keys=False, allow_unicode=True)
 
 
 def _batches(
-    config: RunConfig, hllm: Run, model: CreativeLLM, rows: pd.DataFrame, *, shuffle: bool = False
+    config: RunConfig,
+    hllm: Run,
+    model: CreativeLLM,
+    rows: pd.DataFrame,
+    *,
+    shuffle: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> CreatorBatches:
+    """Training batches: shuffled, this process's share; validation: every row on every process,
+    so all ranks select and stop early on the same loss."""
     return CreatorBatches(
         make_examples(rows, hllm.data, model.layout),
         batch_size=config.train.batch_size,
@@ -169,12 +181,14 @@ def _batches(
         catalogue_negatives=config.creator.loss.cls_catalogue_negatives,
         seed=config.train.seed,
         shuffle=shuffle,
+        rank=rank,
+        world_size=world_size,
     )
 
 
 @torch.no_grad()
 def validation_loss(model: CreativeLLM, batches: CreatorBatches, device: torch.device | str) -> dict:
-    """Mean weighted loss (and each part) over the held-out users' kept rows; {} when there are none."""
+    """Mean weighted loss (and each part) over the held-out users' rows; {} when there are none."""
     if len(batches) == 0:
         return {}
     was_training = model.training
@@ -189,39 +203,20 @@ def validation_loss(model: CreativeLLM, batches: CreatorBatches, device: torch.d
     return totals
 
 
-def _record(fabric, state: TrainState, metrics: dict) -> bool:
-    """Keep the epoch's held-out loss; without held-out rows every epoch counts as the best."""
-    state.valid_history.append({"epoch": state.epoch, **metrics})
-    value = -metrics["loss"] if metrics else math.inf
-    improved = value >= state.best
-    if improved:
-        state.best, state.best_epoch = value, state.epoch
-    if metrics:
-        fabric.print(
-            f"epoch {state.epoch}: held-out loss {metrics['loss']:.4f}{' (best)' if improved else ''}"
-        )
-    return improved
-
-
 def load_creator(folder: str | Path, *, checkpoint: str = "best", hllm: Run | None = None) -> CreatorRun:
     """Rebuild a trained Creator run (its HLLM run included) and load the chosen checkpoint."""
     folder = Path(folder)
-    if not (folder / "config.yaml").is_file():
-        raise UserError("not a Creator run folder (no config.yaml)", where=str(folder))
-    config = load_config(folder / "config.yaml")
+    config = run_config(folder)
     hllm = hllm or load_hllm(config)
     model = build_creator(config, hllm)
-    path = checkpoint_path(folder, checkpoint)
-    weights = read_checkpoint(path).get("model")
-    if weights is None:
-        raise UserError("checkpoint has no model weights", where=str(path))
+    weights = model_weights(folder, checkpoint)
     expected = tuple(model.projector.weight.shape)
     found = tuple(weights.get("projector.weight", torch.empty(0)).shape)
     if found != expected:
         raise UserError(
             f"the projector takes a User LLM of width {found[-1] if found else '?'}, but "
             f"{config.creator.model.hllm_run} has width {expected[1]}",
-            where=str(path),
+            where=str(checkpoint_path(folder, checkpoint)),
         )
     model.load_state_dict(weights)
     model.cache_item_table(batch_size=config.eval.item_batch_size)

@@ -1,0 +1,272 @@
+"""The grounded teacher: personalised titles assembled from the item's own text, with no LLM.
+
+For one user and one target item:
+1. candidates: the item's facts, cut from its own text: the title's segments after the first
+   (its head), the brand, the category path's levels and short description phrases, only from
+   the part of the selling points the Creative LLM is shown (`creator.data.fact_chars`);
+2. interest: the user vector is the mean embedding of the history titles; a phrase scores its
+   cosine with it minus its cosine with the mean user of the sample, so what every user likes
+   (the root category) does not win for everyone;
+3. title: the head plus the best facts under one of `TEMPLATES`. Every word comes from the item's
+   text, except `CONNECTORS`, which the hallucination filter allows, so it passes by construction.
+The profile (interests) is the user's best-scoring category levels and brands of the history.
+
+Each distinct phrase is embedded once, in batches, by the frozen encoder the project ships
+(`minilm`, mean-pooled). Dims: P phrases, U users, D encoder width.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from hllm.config import CreatorDataConfig
+from hllm.models.backbone import Backbone, load_backbone
+
+VERSION = "grounded-v1"
+TEMPLATES = {
+    "one_fact": "{head} | {fact}",
+    "two_facts": "{head}, {fact} | {fact2}",
+    "audience": "For {fact}: {head}",
+}
+CONNECTORS = ("for",)  # the only word a template adds to the item's own words
+MAX_FACT_WORDS, MIN_SEGMENT_WORDS, INTERESTS = 6, 3, 3
+EXTRA_WORDS = 12  # the filter's default `max_extra_words`; a title never grows by more
+Records = dict[str, dict[str, str]]  # raw item id -> field -> text
+COMMON_CATEGORY_SHARE = 0.3  # a category level on more items than this is no fact about one item
+# Phrase boundaries; never a "." before a digit (".75-Inch") nor a "," or ":" between digits, so a
+# phrase's number keeps what stood before it in the source, as the filter reads numbers in context.
+_SPLIT = re.compile(r"[;!?()\[\]{}\"|]|\.(?!\d)|(?<!\d)[,:]|[,:](?!\d)|\s[-\u2013\u2014]\s")
+_TITLE_SPLIT = re.compile(r",\s|\s[-\u2013\u2014|]\s|\(|\)")
+_EDGE = frozenset("a an and or the of for with to in on at by from is are as it its this that".split())
+
+
+@dataclass(frozen=True)
+class Fact:
+    text: str
+    kind: str  # title | brand | category | description
+
+
+def _clean(phrase: str) -> str:
+    """Whitespace collapsed, edge stopwords and punctuation dropped (never a word added)."""
+    words = phrase.replace("\u00a0", " ").split()
+    while words and words[0].lower().strip(".,'") in _EDGE:
+        words.pop(0)
+    while words and words[-1].lower().strip(".,'") in _EDGE:
+        words.pop()
+    return re.sub(r"^[\s,:'&/-]+|^\.(?!\d)|[\s.,:'&/-]+$", "", " ".join(words))
+
+
+def _usable(phrase: str) -> bool:
+    return 1 <= len(phrase.split()) <= MAX_FACT_WORDS and re.search(r"[A-Za-z]{3}", phrase) is not None
+
+
+def split_title(title: str) -> tuple[str, list[str]]:
+    """(head, the other segments): the head is the title up to its first separator when that part
+    has at least three words, else the whole title."""
+    title = title.strip().rstrip(".").strip()
+    parts = [part.strip() for part in _TITLE_SPLIT.split(title)]
+    if len(parts) > 1 and len(parts[0].split()) >= MIN_SEGMENT_WORDS:
+        return parts[0], [c for part in parts[1:] if _usable(c := _clean(part))]
+    return title, []
+
+
+def item_facts(
+    title: str, visible_points: str, brand: str, categories: str, description: str, common: set[str]
+) -> list[Fact]:
+    """Every candidate fact of one item; a description phrase only when the prompt shows it."""
+    _, segments = split_title(title)
+    facts = [Fact(segment, "title") for segment in segments]
+    if brand and _usable(brand):
+        facts.append(Fact(brand.strip(), "brand"))
+    for level in (_clean(level) for level in categories.split(",")):
+        if level and level not in common and _usable(level):
+            facts.append(Fact(level, "category"))
+    shown = description[: len(visible_points)]  # the description never starts before the shown text
+    if len(description) > len(shown):
+        shown = re.sub(r"\S*$", "", shown)  # no phrase ends in a cut word
+    for phrase in (_clean(part) for part in _SPLIT.split(shown)):
+        if _usable(phrase) and len(phrase.split()) >= 2 and phrase in visible_points:
+            facts.append(Fact(phrase, "description"))
+    unique = {fact.text.lower(): fact for fact in reversed(facts)}  # the first kind of a phrase wins
+    return list(reversed(unique.values()))
+
+
+class PhraseEncoder:
+    """Normalised mean-pooled sentence embeddings; each distinct phrase is encoded once."""
+
+    def __init__(self, backbone: Backbone, *, batch_size: int = 256, max_tokens: int = 32) -> None:
+        self.backbone, self.batch_size, self.max_tokens = backbone, batch_size, max_tokens
+        self.cache: dict[str, np.ndarray] = {}
+        self.width = backbone.hidden_size
+
+    @torch.no_grad()
+    def encode(self, phrases: list[str]) -> np.ndarray:
+        """(P, D) float32 rows, in the order given."""
+        missing = sorted({p for p in phrases if p not in self.cache}, key=len)  # similar lengths batch
+        tokenizer, model = self.backbone.tokenizer, self.backbone.model.eval()
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            tokens = tokenizer(
+                chunk, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+            )
+            hidden = model(**tokens).last_hidden_state  # (b, T, D)
+            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+            self.cache.update(zip(chunk, pooled.float().numpy(), strict=True))
+        return (
+            np.stack([self.cache[p] for p in phrases]) if phrases else np.zeros((0, self.width), np.float32)
+        )
+
+
+def common_categories(categories: pd.Series) -> set[str]:
+    """Category levels found on more than `COMMON_CATEGORY_SHARE` of the items."""
+    levels = categories.fillna("").map(lambda path: {_clean(level) for level in path.split(",")})
+    counts = pd.Series([level for path in levels for level in path if level]).value_counts()
+    return set(counts[counts > COMMON_CATEGORY_SHARE * len(categories)].index)
+
+
+def compose(head: str, ranked: list[Fact], original: str) -> tuple[str, list[str], str]:
+    """The title from the head and the facts in order of interest: (title, facts used, template).
+
+    The template follows the best fact: a category names the audience, otherwise one fact or two
+    when both fit in the filter's length budget. A fact that only puts the original title back
+    together gives way to the next."""
+    said, unchanged = Counter(_words(head)), _words(original)
+    budget = len(original.split()) + EXTRA_WORDS
+    novel = [fact for fact in ranked if not _redundant(fact.text, said)]
+    for position, first in enumerate(novel):
+        if first.kind == "category":
+            title, used, template = (
+                TEMPLATES["audience"].format(fact=first.text, head=head),
+                [first],
+                "audience",
+            )
+        else:
+            title, used, template = (
+                TEMPLATES["one_fact"].format(head=head, fact=_capital(first.text)),
+                [first],
+                "one_fact",
+            )
+            more = said + Counter(_words(first.text))
+            for second in novel[position + 1 : position + 2]:
+                two = TEMPLATES["two_facts"].format(head=head, fact=first.text, fact2=_capital(second.text))
+                if not _redundant(second.text, more) and len(two.split()) <= budget:
+                    title, used, template = two, [first, second], "two_facts"
+        if _words(title) != unchanged:
+            return title, [fact.text for fact in used], template
+    return head, [], "head"
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _redundant(text: str, said: Counter[str]) -> bool:
+    """At least half the phrase's words already said, or one of them said twice already (a third
+    time would read as repetition)."""
+    words = _words(text)
+    content = [w for w in words if w not in _EDGE]
+    repeated = any(said[w] + count >= 3 for w, count in Counter(words).items())
+    return not content or repeated or sum(w in said for w in content) * 2 >= len(content)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def ground(rows: pd.DataFrame, catalogue: pd.DataFrame, settings: CreatorDataConfig) -> pd.DataFrame:
+    """`rows` (of `teacher.select_rows`) with `interests`, `grounded_title`, `facts` and `template`;
+    a row whose history names no category or brand (no profile), or whose item has no fact its
+    title lacks, is dropped."""
+    encoder = PhraseEncoder(load_backbone(settings.encoder))
+    grounded = ground_rows(rows, catalogue, encoder, fact_chars=settings.fact_chars)
+    titled = rows.assign(
+        interests=grounded.interests,
+        grounded_title=grounded.titles,
+        facts=grounded.facts,
+        template=grounded.templates,
+    )
+    return titled[(titled["interests"].map(len) > 0) & (titled["template"] != "head")].reset_index(drop=True)
+
+
+@dataclass
+class GroundedRows:
+    interests: list[list[str]]
+    titles: list[str]
+    facts: list[list[str]]
+    templates: list[str]
+
+
+def ground_rows(
+    rows: pd.DataFrame, items: pd.DataFrame, encoder: PhraseEncoder, *, fact_chars: int
+) -> GroundedRows:
+    """Interests and a grounded title for every row (`user_id`, `history_item_ids`, `item_id`).
+
+    Args:
+        items: by raw item id: `title`, `selling_points`, `brand`, `categories`, `description`.
+    """
+    common = common_categories(items["categories"])
+    items = _records(items)
+    facts = {item: _facts_of(items, item, fact_chars, common) for item in set(rows["item_id"])}
+    histories = [[i for i in ids if i in items] for ids in rows["history_item_ids"]]
+    users = _user_vectors(histories, items, encoder)  # (U, D)
+    interest = users - users.mean(0, keepdims=True)  # beyond the average user of the sample
+    profiles = [list(dict.fromkeys(_profile_phrases(history, items, common))) for history in histories]
+    everything = {f.text for item_facts in facts.values() for f in item_facts}
+    everything = sorted(everything | {phrase for profile in profiles for phrase in profile})
+    embedded = dict(zip(everything, encoder.encode(everything), strict=True))
+    result = GroundedRows([], [], [], [])
+    for row, vector, profile in zip(rows.itertuples(), interest, profiles, strict=True):
+        candidates = facts[row.item_id]
+        scores = [float(embedded[f.text] @ vector) for f in candidates]
+        ranked = [candidates[i] for i in np.argsort(scores)[::-1]]
+        head, _ = split_title(items[row.item_id]["title"])
+        title, used, template = compose(head, ranked, items[row.item_id]["title"])
+        result.titles.append(title)
+        result.facts.append(used)
+        result.templates.append(template)
+        scores = [float(embedded[phrase] @ vector) for phrase in profile]
+        result.interests.append([profile[i] for i in np.argsort(scores)[::-1][:INTERESTS]])
+    return result
+
+
+def _records(items: pd.DataFrame) -> Records:
+    """Plain dicts: a pandas lookup per field and row would cost more than the grounding itself."""
+    columns = ["title", "selling_points", "brand", "categories", "description"]
+    return items[columns].astype(object).fillna("").to_dict("index")
+
+
+def _facts_of(items: Records, item: str, fact_chars: int, common: set[str]) -> list[Fact]:
+    row = items[item]
+    visible = row["selling_points"][:fact_chars]
+    if len(row["selling_points"]) > fact_chars:
+        visible = re.sub(r"\S*$", "", visible)  # a word cut in half is no fact
+    return item_facts(row["title"], visible, row["brand"], row["categories"], row["description"], common)
+
+
+def _user_vectors(histories: list[list[str]], items: Records, encoder: PhraseEncoder) -> np.ndarray:
+    titles = sorted({items[i]["title"] for history in histories for i in history})
+    embedded = dict(zip(titles, encoder.encode(titles), strict=True))
+    vectors = [
+        np.mean([embedded[items[i]["title"]] for i in history], 0) if history else np.zeros(encoder.width)
+        for history in histories
+    ]
+    return np.stack(vectors).astype(np.float32)
+
+
+def _profile_phrases(history: list[str], items: Records, common: set[str]) -> Iterator[str]:
+    """The profile's candidates: the history's category levels and brands."""
+    for item in history:
+        for level in items[item]["categories"].split(","):
+            if (level := _clean(level)) and level not in common:
+                yield level
+        if brand := items[item]["brand"].strip():
+            yield brand

@@ -1,0 +1,186 @@
+"""HLLM's item sides beyond text: text+ID items (ID dropout per occurrence, text alone without a
+trained row), the hllm-id diagnostic, and the catalogue softmax over a refreshed memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hllm.config import load_config
+from hllm.data.dataset import prepare_dataset
+from hllm.data.text import pack_items
+from hllm.errors import UserError
+from hllm.evaluate import item_table
+from hllm.models.build import build_model, cache_frozen_items
+from hllm.models.item_ids import ItemIdTable, drop_ids
+from hllm.runs import load_run
+from hllm.serving.export import encode_texts, export_run, load_artifact
+from hllm.train import fit, make_batches, param_groups
+from tests.support import tiny_overrides
+
+TEXT_AND_ID = {"model__item__id_embedding": "true"}
+
+
+def built(cycle_data, tmp_path, **extra):
+    """A tiny model of `extra`'s config, its caches filled, and its training batches."""
+    config = load_config(None, tiny_overrides(cycle_data, tmp_path, **extra))
+    data = prepare_dataset(config.data)
+    model, item_tokens = build_model(config, data)
+    cache_frozen_items(model, item_tokens, batch_size=64, device="cpu")
+    return model, item_tokens, make_batches(config, data, model, item_tokens), data
+
+
+def test_id_table_has_rows_only_for_trained_ids():
+    trained = torch.tensor([False, True, False, True])
+    table = ItemIdTable(trained, 3, init_std=1.0)
+    rows = table(torch.tensor([0, 1, 2, 3, 4, 99]))  # PAD, trained, untrained, trained, beyond
+    assert rows[[1, 3]].abs().sum() > 0
+    assert rows[[0, 2, 4, 5]].abs().sum() == 0
+    assert ItemIdTable(trained, 3, init_std=0.0).embedding.weight.abs().sum() == 0
+
+
+def test_id_dropout_draws_once_per_occurrence():
+    """Every occurrence of the same item draws its own mask: about `rate` of them are dropped, and
+    one catalogue row is both kept and dropped within a batch."""
+    torch.manual_seed(0)
+    rows = torch.ones(64, 20, 4)  # 1280 occurrences of one item
+    dropped = drop_ids(rows, 0.3, training=True)[..., 0] == 0  # (64, 20)
+    assert 0.26 < dropped.float().mean() < 0.34  # binomial sd 0.013
+    assert (dropped == dropped[..., :1]).all(-1).float().mean() < 0.01  # rows are not all-or-nothing
+    assert torch.equal(drop_ids(rows, 0.3, training=False), rows)
+
+
+def test_training_sees_each_occurrence_with_or_without_its_id(cycle_data, tmp_path):
+    """The User LLM reads each real history occurrence as either the text-only or the text+ID
+    embedding of its item, about half each at id_dropout=0.5, both for the same item."""
+    model, _, batches, _ = built(cycle_data, tmp_path, model__item__id_dropout=0.5, **TEXT_AND_ID)
+    torch.nn.init.normal_(model.item_ids.embedding.weight)  # a trained-looking table
+    batch = batches[0]
+    seen = {}
+    model.user_encoder.register_forward_pre_hook(lambda module, args: seen.update(x=args[0]))
+    torch.manual_seed(0)
+    model.train().training_loss(batch)
+    base, ids = model._item_parts(batch.batch_items, batch.text)
+    text_only = model._combine(base, None)[batch.item_index[:, :-1]]  # (B, L, D)
+    with_id = model._combine(base, ids)[batch.item_index[:, :-1]]
+    real = batch.mask
+    is_text = torch.isclose(seen["x"], text_only, atol=1e-6).all(-1)[real]
+    is_id = torch.isclose(seen["x"], with_id, atol=1e-6).all(-1)[real]
+    assert (is_text ^ is_id).all()
+    assert 0.3 < is_text.float().mean() < 0.7
+    items = batch.items[:, :-1][real]
+    assert any(is_text[items == i].any() and is_id[items == i].any() for i in items.unique())
+
+
+def test_items_without_a_trained_row_are_encoded_from_text_alone(cycle_data, tmp_path):
+    model, item_tokens, _, data = built(cycle_data, tmp_path, **TEXT_AND_ID)
+    torch.nn.init.normal_(model.item_ids.embedding.weight)
+    model.item_ids.trained[3] = False  # as an item never trained on (new-item protocol)
+    ids = torch.tensor([0, 2, 3, data.num_items, data.num_items + 5])  # PAD, trained, untrained, beyond
+    text = pack_items(item_tokens, np.array([0, 2, 3, 1, 4]), appended_tokens=model.appended_tokens)
+    model.eval()
+    with torch.no_grad():
+        encoded = model.encode_items(ids, text)
+        text_only = model._combine(model._item_parts(ids, text)[0], None)
+    torch.testing.assert_close(encoded[[0, 2, 3, 4]], text_only[[0, 2, 3, 4]])  # up to rounding
+    assert not torch.allclose(encoded[1], text_only[1], atol=1e-3)
+
+
+def test_id_rows_start_at_zero_without_weight_decay(cycle_data, tmp_path):
+    """A text+ID model starts as its text-only twin, and AdamW never shrinks its ID rows."""
+    model, tokens, _, _ = built(cycle_data, tmp_path, **TEXT_AND_ID)
+    text_only, _, _, _ = built(cycle_data, tmp_path)
+    ids = torch.arange(1, 6)
+    text = pack_items(tokens, ids.numpy(), appended_tokens=model.appended_tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_items(ids, text), text_only.encode_items(ids, text))
+    decayed = {id(p) for group in param_groups(model, 0.1) if group["weight_decay"] for p in group["params"]}
+    assert id(model.item_ids.embedding.weight) not in decayed
+
+
+def test_text_and_id_learns_and_exports_the_evaluators_table(cycle_data, tmp_path):
+    """Training lowers the loss; the artifact's table is the evaluator's; an item added by text
+    (POST /items) gets the text path alone, not its catalogue twin's ID row."""
+    config = load_config(None, tiny_overrides(cycle_data, tmp_path, train__epochs=6, **TEXT_AND_ID))
+    result = fit(config)
+    losses = [row["train/loss"] for row in _log_rows(tmp_path / "tiny")]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    assert result["train"]["epochs"] == 6
+    run = load_run(tmp_path / "tiny")
+    assert run.model.item_ids.embedding.weight.abs().sum() > 0  # the ID rows moved
+    table = item_table(run.model, run.data.num_items, run.item_tokens, batch_size=64)
+    artifact = load_artifact(export_run(tmp_path / "tiny", tmp_path / "artifact"))
+    np.testing.assert_allclose(artifact.embeddings, table.numpy(), atol=1e-6)
+    ids = torch.arange(1, 4)
+    with torch.no_grad():
+        base, _ = run.model._item_parts(
+            ids, pack_items(run.item_tokens, ids.numpy(), appended_tokens=run.model.appended_tokens)
+        )
+        text_only = run.model._combine(base, None).numpy()
+    added = encode_texts(artifact, [artifact.texts[i] for i in ids])
+    np.testing.assert_allclose(added, text_only, atol=1e-5)
+    assert not np.allclose(added, artifact.embeddings[1:4], atol=1e-3)
+
+
+def _log_rows(run_dir) -> list[dict]:
+    import csv
+
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return [
+            {k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f) if row.get("train/loss")
+        ]
+
+
+@pytest.mark.parametrize("negatives", ["sampled", "catalogue"])
+def test_hllm_id_learns_the_pattern_without_text(cycle_data, tmp_path, negatives):
+    """HLLM's User LLM over an ID table: no text is read, and the deterministic cycle is learnt."""
+    extra = {"model__kind": "hllm-id", "train__negatives": negatives, "train__epochs": 6}
+    config = load_config(None, tiny_overrides(cycle_data, tmp_path, **extra))
+    data = prepare_dataset(config.data)
+    model, item_tokens = build_model(config, data)
+    assert item_tokens is None and not model.needs_text and model.item_encoder is None
+    assert fit(config)["test"]["recall@1"] == 1.0
+    with pytest.raises(UserError, match="hllm-id"):
+        export_run(tmp_path / "tiny", tmp_path / "artifact")
+
+
+def test_memory_keeps_the_batch_fresh_and_refreshes_on_schedule(cycle_data, tmp_path):
+    """negatives=memory: the softmax table holds the batch's items fresh and the rest from the
+    memory, which is recomputed every memory_refresh steps; the drift is logged."""
+    extra = {"model__item__train_layers": 1, "train__negatives": "memory", "train__memory_refresh": 3}
+    model, _, batches, _ = built(cycle_data, tmp_path, **extra)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    memories, drift = [], []
+    for step in range(4):
+        optimizer.zero_grad()
+        model.training_loss(batches[step % len(batches)]).backward()
+        optimizer.step()
+        memories.append(model.memory.clone())
+        drift.append(model.last_stats["memory_cosine"])
+    assert torch.equal(memories[0], memories[2]) and not torch.equal(memories[2], memories[3])
+    assert drift[0] == pytest.approx(1.0) and drift[2] < 1 - 1e-5 and drift[3] == pytest.approx(1.0)
+    batch = batches[0]
+    with torch.no_grad():
+        fresh, _ = model._item_parts(batch.batch_items, None)
+        table = model._catalogue(batch.batch_items, fresh)
+        every = torch.arange(model.num_items)
+        from_memory = model._combine(model.projection(model.memory), None)
+    torch.testing.assert_close(table[batch.batch_items], model._combine(fresh, None))
+    others = ~torch.isin(every, batch.batch_items)
+    torch.testing.assert_close(table[others], from_memory[others])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["train.negatives=memory"], "train_layers"),
+        (["train.negatives=memory", "model.item.train_layers=1", "model.kind=hllm-id"], "model.kind=hllm"),
+        (["train.negatives=catalogue"], "frozen"),
+    ],
+)
+def test_negatives_that_need_a_cached_item_side_are_refused(overrides, match):
+    with pytest.raises(UserError, match=match):
+        load_config(None, overrides)
+    assert load_config(None, ["model.kind=hllm-id", "train.negatives=catalogue"]).model.kind == "hllm-id"
