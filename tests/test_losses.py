@@ -128,6 +128,23 @@ def test_catalogue_softmax_scores_each_rows_own_positive():
     assert positives.grad.abs().sum() > 0
 
 
+def test_catalogue_softmax_leaves_excluded_items_out_of_the_softmax():
+    """An excluded item (a new item of the protocol) is no negative: the loss is the loss over the
+    table without it, and its row gets no gradient."""
+    generator = torch.Generator().manual_seed(2)
+    user = torch.randn(3, 4, generator=generator)
+    table = torch.randn(6, 4, generator=generator, requires_grad=True)
+    targets, scale = torch.tensor([1, 2, 5]), torch.tensor(5.0)
+    excluded = torch.tensor([False, False, False, True, False, False])
+    out = catalogue_softmax(user, table, targets, scale, excluded=excluded)
+    kept = [0, 1, 2, 4, 5]
+    without = catalogue_softmax(user, table.detach()[kept], torch.tensor([1, 2, 4]), scale)
+    assert out.loss.item() == pytest.approx(without.loss.item(), rel=1e-6)
+    assert out.negatives_kept == 3.0  # 6 items - PAD - the new item - the target
+    out.loss.backward()
+    assert table.grad[3].abs().sum() == 0 and table.grad[4].abs().sum() > 0
+
+
 def test_catalogue_softmax_rejects_pad_target():
     with pytest.raises(ValueError, match="padding"):
         catalogue_softmax(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 3]), torch.tensor(1.0))

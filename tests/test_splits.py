@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hllm.config import DataConfig
+from hllm.config import DataConfig, load_config
 from hllm.data.batches import TrainBatches, eval_batches, training_items
 from hllm.data.dataset import SequenceData, prepare_dataset
 from hllm.errors import UserError
 from hllm.evaluate import evaluate, popularity_thresholds, protocol_card, target_buckets
+from hllm.models.build import build_model
 from hllm.models.popularity import Popularity
 
 
@@ -53,6 +54,22 @@ def test_new_items_never_reach_a_training_batch(random_csv, tmp_path):
     assert len(targets) == data.num_users  # leave-one-out targets: every user is scored
     card = protocol_card(data, "test", model="popularity", config_hash="x")
     assert card["held_out_items"] == len(new) and "data.cold_seed=3" in card["new_items"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.kind=sasrec", "model.id.loss=full"],
+        ["model.kind=hllm-id", "model.user.backbone=tiny-llama", "train.negatives=catalogue"],
+    ],
+)
+def test_catalogue_softmax_models_never_score_new_items_as_negatives(random_csv, tmp_path, overrides):
+    data = prepare(random_csv, tmp_path, cold_items=0.2, cold_seed=3)
+    config = load_config(None, overrides)
+    model, _ = build_model(config, data)
+    assert np.array_equal(np.flatnonzero(model.held_out_items.numpy()), data.holdout.held_out)
+    plain, _ = build_model(config, prepare(random_csv, tmp_path))  # leave-one-out: nothing held out
+    assert plain.held_out_items is None
 
 
 def test_new_items_are_seeded(random_csv, tmp_path):

@@ -40,7 +40,17 @@ def add_lora(module: nn.Module, rank: int, alpha: int) -> None:
 
 
 def build_model(config: RunConfig, data: SequenceData) -> tuple[nn.Module, ItemTokens | None]:
-    """The model `config.model` describes, plus the catalogue's item tokens when it reads text."""
+    """The model `config.model` describes, plus the catalogue's item tokens when it reads text.
+    A trainable model learns nothing of the protocol's new items, not even as negatives."""
+    model, item_tokens = _build(config, data)
+    if hasattr(model, "held_out_items") and len(data.holdout.held_out):
+        held_out = torch.zeros(data.num_items, dtype=torch.bool)
+        held_out[torch.from_numpy(data.holdout.held_out)] = True
+        model.held_out_items = held_out
+    return model, item_tokens
+
+
+def _build(config: RunConfig, data: SequenceData) -> tuple[nn.Module, ItemTokens | None]:
     match config.model.kind:
         case "popularity":
             return Popularity(training_items(data), data.num_items), None

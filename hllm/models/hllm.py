@@ -126,6 +126,8 @@ class HLLM(nn.Module):
         # Negatives "memory": every item's Item LLM output (N, D_item), recomputed every
         # `memory_refresh` training steps (0 = no memory); `memory_age` counts steps since.
         self.register_buffer("memory", None, persistent=False)
+        # (N,) bool: items no catalogue softmax may use as negatives (the protocol's new items).
+        self.register_buffer("held_out_items", None, persistent=False)
         self.memory_refresh = memory_refresh
         self.memory_age = 0
         # Identity until `share_negatives` hands over the all-gathers of several processes.
@@ -241,7 +243,14 @@ class HLLM(nn.Module):
         if self.catalogue_negatives:
             table = self._catalogue(batch.batch_items, base)  # (N, D)
             positives = None if ids is None else target  # the targets' own ID dropout draws
-            out = catalogue_softmax(user, table, batch.items[:, 1:][batch.mask], scale, positives=positives)
+            out = catalogue_softmax(
+                user,
+                table,
+                batch.items[:, 1:][batch.mask],
+                scale,
+                positives=positives,
+                excluded=self.held_out_items,
+            )
         else:
             # Each bank item occurs once in the bank: one fresh draw per row is one per occurrence.
             bank = embeddings if ids is None else occurrences(torch.arange(len(base), device=base.device))

@@ -78,6 +78,8 @@ class IdRecommender(nn.Module):
         with torch.no_grad():
             self.item_embedding.weight[PAD_ID].zero_()
         self.dropout = nn.Dropout(dropout)
+        # (N,) bool: items the full softmax never uses as negatives (the protocol's new items).
+        self.register_buffer("held_out_items", None, persistent=False)
         self.encoder = encoder
         self.max_length = max_length
         self.loss = loss
@@ -151,7 +153,14 @@ class IdRecommender(nn.Module):
                     gather=self.gather,
                 )
             case "full":
-                return catalogue_softmax(user, embed.weight, targets, self.logit_scale(), pad_id=PAD_ID)
+                return catalogue_softmax(
+                    user,
+                    embed.weight,
+                    targets,
+                    self.logit_scale(),
+                    pad_id=PAD_ID,
+                    excluded=self.held_out_items,
+                )
 
 
 def sample_negatives(targets: Tensor, num_items: int) -> Tensor:

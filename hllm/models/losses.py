@@ -110,6 +110,7 @@ def catalogue_softmax(
     *,
     pad_id: int = 0,
     positives: Tensor | None = None,
+    excluded: Tensor | None = None,
 ) -> NceOutput:
     """Cross entropy over every item of the catalogue ("full softmax"), the PAD item excluded.
 
@@ -121,6 +122,8 @@ def catalogue_softmax(
         pad_id: the row of `item_table` that is padding, never a candidate.
         positives: (n, D) each row's own target embedding, scored in place of its table row (the
             two differ when each occurrence of an item draws its own ID dropout).
+        excluded: (N,) bool, items that are never candidates either: the protocol's new items,
+            which a deployed model could not have seen while training (no target is one).
     """
     if (targets == pad_id).any():
         raise ValueError(f"catalogue_softmax: a target is the padding id {pad_id}")
@@ -131,6 +134,8 @@ def catalogue_softmax(
         logits = logits.scatter(1, targets[:, None], own)
     logits = logits * scale.float()
     logits[:, pad_id] = float("-inf")  # after scaling, so the scale's gradient stays finite
+    if excluded is not None:
+        logits = logits.masked_fill(excluded, float("-inf"))
     return _output(F.cross_entropy(logits, targets), logits, targets)
 
 
