@@ -6,64 +6,19 @@ The orchestration layer (cli, train.fit, bench) sees `RunConfig`; constructors b
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from hllm.config_fields import above_zero, at_least, check_ranges, in_range, positive, share
+from hllm.creator_config import CreatorConfig
 from hllm.errors import UserError
 
 DEFAULT_PROMPT = "Compress the following sentence into embedding: "
-
-
-def _ruled(default: Any, test: Callable[[Any], bool], rule: str) -> Any:
-    """A field whose value (each value, for a list) must pass `test`; None (unset) always passes.
-    `check_ranges` applies the rule and names the field's dotted key."""
-    metadata = {"rule": (test, rule)}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def at_least(low: float, default: Any) -> Any:
-    return _ruled(default, lambda value: value >= low, f"at least {low}")
-
-
-def positive(default: Any) -> Any:
-    return at_least(1, default)
-
-
-def above_zero(default: Any) -> Any:
-    return _ruled(default, lambda value: value > 0, "above 0")
-
-
-def share(default: Any) -> Any:
-    return _ruled(default, lambda value: 0 <= value < 1, "in [0, 1)")
-
-
-def in_range(default: Any, low: float, high: float) -> Any:
-    return _ruled(default, lambda value: low <= value <= high, f"in [{low}, {high}]")
-
-
-def check_ranges(config: Any, prefix: str = "") -> None:
-    """Apply every field's rule (see `_ruled`) in `config` and its nested dataclasses."""
-    for spec in fields(config):
-        value, key = getattr(config, spec.name), f"{prefix}{spec.name}"
-        if is_dataclass(value):
-            check_ranges(value, f"{key}.")
-        elif "rule" in spec.metadata and value is not None:
-            test, rule = spec.metadata["rule"]
-            if not all(map(test, value if isinstance(value, list) else [value])):
-                raise UserError(f"must be {rule}, got {value}", where=key)
-
-
-def choices(config_class: type, name: str) -> tuple[str, ...]:
-    """The values a `Literal` field of `config_class` allows, for options that set that field."""
-    return get_args(get_type_hints(config_class)[name])
 
 
 @dataclass
@@ -307,172 +262,6 @@ class ServeConfig:
 
 
 @dataclass
-class LLMConfig:
-    backend: Literal["local", "openai", "grounded"] = "local"
-    """local: transformers generation in this process; openai: any OpenAI-compatible HTTP endpoint;
-    grounded (teacher only): no LLM, titles assembled from the item's own text."""
-    model: str = "smollm2-135m"
-    """local: a preset, folder, .gguf file or hub id; openai: the model name the endpoint serves."""
-    base_url: str | None = None
-    """openai: endpoint such as http://127.0.0.1:8001/v1 (default: $OPENAI_BASE_URL)."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """openai: environment variable holding the key (a local server accepts any)."""
-    concurrency: int = positive(8)
-    """openai: requests in flight at once."""
-    timeout_s: float = above_zero(120.0)
-    """openai: seconds before one request is abandoned (and retried)."""
-    max_retries: int = at_least(0, 4)
-    """openai: retries, with exponential back-off, of timeouts, 429 and 5xx answers."""
-    batch_size: int = positive(8)
-    """local: conversations generated together."""
-    max_new_tokens: int = positive(64)
-    """Longest answer, in tokens."""
-    temperature: float = at_least(0, 0.0)
-    """0 = greedy; a malformed answer's second try samples at 0.7."""
-    attempts: int = positive(2)
-    """Tries per row before a malformed answer is recorded as a failure."""
-
-
-@dataclass
-class CreatorDataConfig:
-    history_items: int = positive(10)
-    """Most recent history items shown to the teacher."""
-    fact_chars: int = positive(400)
-    """The item's selling points (every text field but the title) are cut to this many characters."""
-    limit: int = at_least(0, 0)
-    """Users to build rows for, drawn at random with `seed` (0 = every user)."""
-    seed: int = 0
-    """Seed of the user sample."""
-    chunk_rows: int = positive(32)
-    """Rows per written part: what a crash can lose at most."""
-    verify: bool = False
-    """Also ask the teacher whether each kept title states anything its item's text does not."""
-    encoder: str = "minilm"
-    """Grounded teacher: the frozen encoder (mean-pooled) that matches item phrases to a user's history."""
-    polish: Literal["none", "local", "openai"] = "none"
-    """Grounded teacher: an LLM backend (with the teacher's model settings) that rewords each title."""
-
-
-@dataclass
-class CreativeModelConfig:
-    hllm_run: str = ""
-    """Folder of a trained HLLM run (`hllm train`); its User LLM gives the user embeddings."""
-    backbone: str = "smollm2-135m"
-    """Creative LLM: any causal LM (preset, folder, .gguf file or hub id); tests use tiny-llama."""
-    mode: Literal["full", "lora"] = "lora"
-    """Fine-tune the creative LLM fully or through LoRA adapters."""
-    lora_rank: int = positive(8)
-    """LoRA rank (mode=lora)."""
-    lora_alpha: int = positive(16)
-    """LoRA alpha (mode=lora)."""
-    user_embedding: Literal["last", "query"] = "last"
-    """last: the User LLM's output at the user's last item; query: at a learned token appended after it."""
-    train_hllm: bool = False
-    """Train the HLLM side (User LLM, adaptor) jointly; by default it stays frozen."""
-    max_fact_tokens: int = positive(96)
-    """The item's selling points are cut to this many tokens in the prompt."""
-    max_title_tokens: int = positive(48)
-    """Original and target titles are cut to this many tokens."""
-    max_profile_tokens: int = positive(48)
-    """The interest profile (recon and align targets) is cut to this many tokens."""
-
-
-@dataclass
-class CreativeLossConfig:
-    creative: float = at_least(0, 1.0)
-    """Weight of the causal LM loss on the target title (0 = off)."""
-    recon: float = at_least(0, 0.5)
-    """Weight of reconstructing the interest profile from the projected user embedding (0 = off)."""
-    align: float = at_least(0, 0.1)
-    """Weight of the symmetric InfoNCE between user embedding and profile encoding (0 = off)."""
-    cls: float = at_least(0, 0.5)
-    """Weight of the user-item matching BCE that scores (cluster, item) pairs at inference (0 = off)."""
-    align_temperature: float = in_range(0.05, 0.01, 1.0)
-    """Initial align temperature (learnable; its inverse is clamped to [1, 100])."""
-    nce_threshold: float = 0.99
-    """Align: a negative whose cosine with the positive exceeds this is a duplicate, masked."""
-    cls_head: Literal["linear", "mixer"] = "mixer"
-    """Matching head over [user, item]: an MLP on the concatenation, or an MLP-Mixer on the 2 tokens."""
-    cls_dim: int = positive(256)
-    """Width of the user and item towers."""
-    cls_blocks: int = positive(2)
-    """MLP-Mixer blocks (cls_head=mixer)."""
-    cls_catalogue_negatives: int = at_least(0, 8)
-    """Random catalogue items per row, besides the other rows' items, as cls negatives."""
-
-
-@dataclass
-class CreativeTrainConfig:
-    rows: str = ""
-    """rows.parquet of `hllm creator build-data` (or its folder); only kept rows are trained on."""
-    holdout: float = share(0.2)
-    """Share of users held out (all their rows) for validation and `hllm creator evaluate`."""
-    seed: int = 0
-    """Seed of the held-out user draw."""
-
-
-@dataclass
-class CreativeInferConfig:
-    clusters: int = positive(256)
-    """k of the user k-means."""
-    kmeans_iterations: int = positive(40)
-    """k-means iterations per restart."""
-    kmeans_restarts: int = positive(2)
-    """k-means restarts; the lowest objective wins."""
-    top_n: int = positive(8)
-    """Clusters kept per item, by matching score."""
-    threshold: float = in_range(0.5, 0.0, 1.0)
-    """Matching probability a (cluster, item) pair needs to get a title."""
-    items: list[str] = field(default_factory=list)
-    """Item ids to write titles for; empty = the whole catalogue."""
-    shard_users: int = positive(4096)
-    """Users per embedding shard: what a crash can lose at most."""
-    batch_size: int = positive(64)
-    """Users per User LLM pass."""
-    generate_batch: int = positive(8)
-    """Titles generated together."""
-    max_new_tokens: int = positive(40)
-    """Longest generated title, in tokens."""
-    temperature: float = at_least(0, 0.0)
-    """0 = greedy (one deterministic title per pair); `generate --n` samples at 0.8 when 0."""
-    devices: int = positive(1)
-    """Processes for the embedding step (or launch with torchrun / fabric run)."""
-
-
-@dataclass
-class CreativeEvalConfig:
-    limit: int = at_least(0, 0)
-    """Held-out rows to evaluate (0 = all)."""
-    gsb: bool = False
-    """Also ask the judge LLM (creator.judge) for Good/Same/Bad against the original title."""
-    seed: int = 0
-    """Seed of the random-user ablation and of the other users the lift is measured against."""
-    judge_encoder: str = "other"
-    """A second judge the Creator never trained against: this frozen encoder (mean-pooled) scores a
-    title against the user's history titles. other: smollm2-135m when the HLLM run reads minilm,
-    else minilm; none: off."""
-    bootstrap: int = positive(1000)
-    """Resamples of the rows for the 95% interval of the personalisation lift."""
-
-
-@dataclass
-class CreatorConfig:
-    data: CreatorDataConfig = field(default_factory=CreatorDataConfig)
-    teacher: LLMConfig = field(default_factory=LLMConfig)
-    """The LLM that profiles users and rewrites titles."""
-    judge: LLMConfig = field(default_factory=LLMConfig)
-    """The LLM that compares two titles for a user (Good/Same/Bad)."""
-    model: CreativeModelConfig = field(default_factory=CreativeModelConfig)
-    """The Creative LLM and where its user embeddings come from."""
-    loss: CreativeLossConfig = field(default_factory=CreativeLossConfig)
-    train: CreativeTrainConfig = field(default_factory=CreativeTrainConfig)
-    """Creator training data; optimiser and schedule knobs are the run's `train.*`."""
-    infer: CreativeInferConfig = field(default_factory=CreativeInferConfig)
-    """Cluster-level inference (`hllm creator infer`) and generation settings."""
-    eval: CreativeEvalConfig = field(default_factory=CreativeEvalConfig)
-
-
-@dataclass
 class RunConfig:
     name: str = "run"
     """Run name; the run folder is `out_dir/name`."""
@@ -559,10 +348,7 @@ def _as_user_error(err: OmegaConfBaseException, source: str) -> UserError:
         close = difflib.get_close_matches(key, _valid_keys(RunConfig), n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return UserError(f"unknown config key {key!r} in {source}{hint}", where=key)
-    message = str(err).splitlines()[0]
-    if isinstance(err, ValidationError):
-        return UserError(f"{message} (from {source})", where=key)
-    return UserError(f"{message} (from {source})", where=key)
+    return UserError(f"{str(err).splitlines()[0]} (from {source})", where=key)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -11,9 +11,9 @@ from hllm.config import (
     ServeConfig,
     absolute_paths,
     check_data_moved,
-    choices,
     load_config,
 )
+from hllm.config_fields import choices
 from hllm.errors import UserError
 
 REPO = Path(__file__).parents[1]

@@ -15,13 +15,14 @@ import pandas as pd
 import pytest
 from fastapi.responses import JSONResponse
 
-from hllm.config import CreatorDataConfig, DataConfig, LLMConfig
+from hllm.config import DataConfig
 from hllm.creator.data import teacher
 from hllm.creator.data.judge import judge_titles, parse_choice, verdict
 from hllm.creator.data.llm import LLMError, LocalChat, OpenAIChat
 from hllm.creator.data.llm_server import create_llm_app
 from hllm.creator.data.prompts import JUDGE, POLISH, PROFILE, REWRITE, VERIFY
 from hllm.creator.data.teacher import build_data, parse_interests, parse_title, parse_yes_no
+from hllm.creator_config import CreatorDataConfig, LLMConfig
 from hllm.errors import UserError
 from tests.support import assert_one_line_error, run_cli, serving_app
 

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from sklearn.feature_extraction.text import TfidfVectorizer
 from torch import Tensor
 
-from hllm.config import LLMConfig
 from hllm.creator.data.grounded import PhraseEncoder
 from hllm.creator.data.judge import judge_titles
 from hllm.creator.infer.generation import ItemFacts, generate_titles, project_users
 from hllm.creator.model.dataset import history_before
 from hllm.creator.model.model import pad_histories
 from hllm.creator.model.training import CreatorRun
+from hllm.creator_config import LLMConfig
 from hllm.data.dataset import TITLE_FIELDS
 from hllm.data.formats import locate, read_source
 from hllm.data.text import build_item_text, pack_items, tokenize_items

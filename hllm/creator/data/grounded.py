@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from hllm.config import CreatorDataConfig
+from hllm.creator_config import CreatorDataConfig
 from hllm.models.backbone import Backbone, load_backbone
 
 VERSION = "grounded-v1"

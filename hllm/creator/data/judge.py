@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from hllm.config import LLMConfig
 from hllm.creator.data.llm import open_chat_model
 from hllm.creator.data.prompts import JUDGE
 from hllm.creator.data.stages import Parsed, PartStore, Stage, claim_folder, run_stage, stage_values
+from hllm.creator_config import LLMConfig
 from hllm.errors import UserError
 from hllm.files import atomic_write, write_json
 

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from hllm.config import LLMConfig
+from hllm.creator_config import LLMConfig
 from hllm.errors import UserError
 
 Conversation = list[dict[str, str]]  # [{"role": "system" | "user" | "assistant", "content": ...}]

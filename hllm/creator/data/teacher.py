@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hllm.config import CreatorDataConfig, DataConfig, LLMConfig
+from hllm.config import DataConfig
 from hllm.creator.data.grounded import VERSION as GROUNDED_VERSION
 from hllm.creator.data.grounded import ground
 from hllm.creator.data.hallucination import REASONS, check_title, collect_brands
 from hllm.creator.data.llm import ChatModel, open_chat_model
 from hllm.creator.data.prompts import POLISH, PROFILE, REWRITE, VERIFY
 from hllm.creator.data.stages import Parsed, PartStore, Stage, claim_folder, run_stage, stage_values
+from hllm.creator_config import CreatorDataConfig, LLMConfig
 from hllm.data.dataset import TITLE_FIELDS, SequenceData, prepare_dataset
 from hllm.data.formats import locate, read_source
 from hllm.errors import UserError
