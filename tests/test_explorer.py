@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 
 import httpx
@@ -11,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from playwright.sync_api import Page, expect, sync_playwright
 
-from hllm.bench.serve import start_server
+from hllm.bench.serve import start_server, stop_server
 from hllm.serving.app import create_app
 from hllm.serving.export import load_artifact
 from tests.support import copy_artifact
@@ -91,12 +90,7 @@ def server(tiny_artifact, tmp_path_factory) -> Iterator[str]:
     try:
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_server(process)
 
 
 @pytest.fixture(scope="module")

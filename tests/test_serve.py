@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from hllm.bench.serve import free_port, start_server
+from hllm.bench.serve import free_port, start_server, stop_server
 from hllm.serving.app import create_app
 from hllm.serving.export import load_artifact
 from tests.support import assert_one_line_error, copy_artifact, run_cli, serving_app
@@ -341,12 +340,7 @@ def test_cold_start_items_survive_a_restart(tiny_artifact, tmp_path):
             response = client.post("/items", json={"id": "later", "fields": {"title": "later lamp"}})
             assert response.status_code == 201 and response.json()["items"] == ITEMS + 2
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_server(process)
     with np.load(folder / "added.npz") as saved:  # both, in the order they were added
         assert [item["id"] for item in json.loads(str(saved["meta"]))["items"]] == ["kept", "later"]
         assert saved["embeddings"].shape[0] == 2

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from hllm.bench.serve import start_server
+from hllm.bench.serve import start_server, stop_server
 from hllm.errors import UserError
 from hllm.evaluate import evaluate_split
 from hllm.files import write_json
@@ -43,8 +43,7 @@ def replay_run(run_dir: Path, out: Path, *, indexes: tuple[str, ...] = ("exact",
                 add_items(client, new, fields)
                 online = replay_users(client, run.data, run.config.eval.ks)
         finally:
-            process.terminate()
-            process.wait()
+            stop_server(process)
         result[kind] = online | {"max_abs_diff": max(abs(online[key] - offline[key]) for key in keys)}
     write_json(out / "replay.json", result)
     return result

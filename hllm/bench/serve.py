@@ -106,6 +106,16 @@ def start_server(
     raise UserError(f"the server did not answer /health within {timeout:.0f} s", where=str(folder))
 
 
+def stop_server(process: subprocess.Popen) -> None:
+    """Stop a server of `start_server`: terminate, and kill it if it has not exited in 30 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 async def drive(url: str, histories: list[list[str]], *, clients: int, seconds: float) -> dict:
     """`clients` concurrent loops of POST /recommend (k=10) for `seconds`, after a 1 s warm-up:
     their latencies (s), errors and elapsed time."""
@@ -213,8 +223,7 @@ def bench_serve(
                         print(json.dumps(row), flush=True)
             finally:
                 for process, _ in servers.values():
-                    process.terminate()
-                    process.wait(timeout=30)
+                    stop_server(process)
     if report is not None:
         write_markdown_section(report, HEADING, serving_section(records))
     return records
