@@ -104,10 +104,10 @@ def test_unknown_bench_model_is_a_user_error_before_anything_runs(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
-def test_baselines_are_tuned_on_validation_and_the_best_setting_is_used_for_every_seed(tmp_path, monkeypatch):
+def test_baselines_are_tuned_on_validation_and_the_best_setting_is_used_for_every_seed(tmp_path):
     grid = recipes.grid_of("sasrec-ce")[:3]  # the mechanism, on fewer trials than the real grid
-    monkeypatch.setattr(recipes, "grid_of", lambda model: grid)
-    args = ["bench", "--quick", "--models", "sasrec-ce", "--seeds", "2", "--out", str(tmp_path)]
+    args = ["bench", "--quick", "--models", "sasrec-ce", "--seeds", "2", "--grid-size", "3"]
+    args += ["--out", str(tmp_path)]
     args += ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -118,6 +118,7 @@ def test_baselines_are_tuned_on_validation_and_the_best_setting_is_used_for_ever
     assert [(r["model"], r["seed"]) for r in records] == [("sasrec-ce", 0), ("sasrec-ce", 1)]
     assert records[0]["test"] == best["test"]  # seed 0 is the chosen trial itself, not retrained
     assert records[1]["tuning"]["chosen"] == best["overrides"] == records[0]["tuning"]["chosen"]
+    assert records[0]["tuning"]["grid_size"] == 3
     assert records[1]["config"]["name"].endswith(f"{best['tag']}-s1")
     assert len(records[1]["tuning"]["trials"]) == len(grid)
 

@@ -41,6 +41,12 @@ def bench(
         ),
     ] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Smoke run: tiny models, 3 steps.")] = False,
+    grid_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Tune every model on the first N settings of its grid (1 = the recipe) [all]."
+        ),
+    ] = None,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Extra a.b=value for every run.")
     ] = None,
@@ -54,7 +60,14 @@ def bench(
     choice(protocol, "--protocol", tuple(PROTOCOLS))
     out = out or (Path("benchmarks") if protocol == "leave-one-out" else Path("benchmarks") / protocol)
     records = run_bench(
-        datasets.split(","), models.split(","), seeds, out, quick=quick, extra=overrides, protocol=protocol
+        datasets.split(","),
+        models.split(","),
+        seeds,
+        out,
+        quick=quick,
+        extra=overrides,
+        protocol=protocol,
+        grid_size=grid_size,
     )
     typer.echo(f"{len(records)} records in {out / 'results.json'}; report: {write_report(records, out)}")
 

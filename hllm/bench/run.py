@@ -110,9 +110,11 @@ def run_bench(
     quick: bool = False,
     extra: list[str] | None = None,
     protocol: str = "leave-one-out",
+    grid_size: int | None = None,
 ) -> list[dict]:
     """Run every missing record under `protocol` (see PROTOCOLS), appending each to
-    `out/results.json` as soon as it is done."""
+    `out/results.json` as soon as it is done. `grid_size` tunes every model on the first settings
+    of its grid only (the same number for every family, so the budgets stay equal; 1 = the recipe)."""
     results_path = out / "results.json"
     records = json.loads(results_path.read_text()) if results_path.exists() else []
     done = {(r["dataset"], r["model"], r["seed"]) for r in records}
@@ -123,6 +125,7 @@ def run_bench(
         for model in models:
             missing = [seed for seed in range(seeds) if (dataset, model, seed) not in done]
             grid = recipes.grid_of(model) if missing else None
+            grid = grid[:grid_size] if grid and grid_size else grid
             best = tune(dataset, model, grid, out, quick=quick, extra=extra) if grid else None
             for seed in missing:
                 if best is not None and seed == 0:
@@ -161,6 +164,7 @@ def tune(
     best = max(mine, key=lambda t: t["valid"][metric])
     summary = {
         "selected_on": f"valid {metric}",
+        "grid_size": len(mine),
         "chosen": best["overrides"],
         "tag": best["tag"],
         "trials": {" ".join(t["overrides"]) or "recipe": round(t["valid"][metric], 4) for t in mine},
