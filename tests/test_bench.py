@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hllm.bench import recipes
-from hllm.bench.report import best_lines
+from hllm.bench.report import best_lines, write_report
 from hllm.cli import app
 from hllm.config import load_config
 from hllm.errors import UserError
@@ -147,3 +147,29 @@ def test_the_best_model_of_a_family_is_chosen_on_validation_not_test():
     (line, _) = best_lines(models, "ndcg@10")
     assert "HLLM `hllm-b`" in line and "ID baseline `sasrec-ce`" in line
     assert "recall@10 -20%" in line  # 0.20 vs 0.25
+
+
+def test_report_tables_and_plots_recall_per_target_bucket(tmp_path):
+    """Buckets with users get a column (with their user count) and a bar per model; empty ones none."""
+
+    def record(model: str, seed: int, new: float, tail: float) -> dict:
+        test = {metric: 0.1 for metric in ("recall@10", "ndcg@10", "recall@50", "ndcg@50", "mrr")}
+        test |= {"new/users": 90, "new/recall@10": new, "tail/users": 300, "tail/recall@10": tail}
+        test |= {"hist_1_3/users": 0}
+        return {
+            "dataset": "d",
+            "model": model,
+            "seed": seed,
+            "valid": {"ndcg@10": 0.1},
+            "test": test,
+            "train_seconds": 1.0,
+            "valid_history": [],
+            "config": {"model": {"kind": "hllm"}},
+        }
+
+    records = [record("a", 0, 0.2, 0.1), record("a", 1, 0.4, 0.1), record("b", 0, 0.0, 0.3)]
+    report = write_report(records, tmp_path).read_text()
+    assert "| model | new (90) | tail (300) |" in report and "hist_1_3" not in report
+    assert "| a | 0.3000 ± 0.1414 | 0.1000 ± 0.0000 |" in report
+    assert "| b | 0.0000 | 0.3000 |" in report
+    assert (tmp_path / "d-buckets.png").stat().st_size > 0 and "![buckets](d-buckets.png)" in report

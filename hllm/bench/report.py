@@ -15,6 +15,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from hllm.files import atomic_path, write_text  # noqa: E402
 
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50", "mrr")
+# The evaluator's target buckets (README: Protocols): new vs trained items, popularity by training
+# count, history length. A bucket without users on a dataset is left out of its table and plot.
+BUCKETS = ("new", "trained", "head", "torso", "tail", "hist_1_3", "hist_4_7", "hist_8_plus")
+POPULARITY_BUCKETS = ("new", "head", "torso", "tail")
 
 
 def mean_std(values: list[float]) -> str:
@@ -98,6 +102,44 @@ def trials_table(trials: list[dict], metric: str) -> list[str]:
     return ["Every tuning trial (seed 0):", "", *lines, ""]
 
 
+def present_buckets(models: dict[str, list[dict]], names: tuple[str, ...] = BUCKETS) -> list[str]:
+    """The buckets of `names` that hold test users in these records."""
+    runs = [r for group in models.values() for r in group]
+    return [b for b in names if any(r["test"].get(f"{b}/users", 0) > 0 for r in runs)]
+
+
+def bucket_table(models: dict[str, list[dict]], metric: str = "recall@10") -> list[str]:
+    """Test `metric` per target bucket per model (mean ± std over seeds), with each bucket's users."""
+    buckets = present_buckets(models)
+    if not buckets:
+        return []
+    first = next(iter(models.values()))[0]["test"]
+    header = " | ".join(f"{b} ({first[f'{b}/users']:,})" for b in buckets)
+    lines = [f"| model | {header} |", "|---|" + "---|" * len(buckets)]
+    for model, runs in models.items():
+        cells = [mean_std([r["test"].get(f"{b}/{metric}", 0.0) for r in runs]) for b in buckets]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return [f"Test {metric} per target bucket (users per bucket in brackets):", "", *lines, ""]
+
+
+def plot_buckets(dataset: str, models: dict[str, list[dict]], path: Path) -> bool:
+    """Test recall@10 per popularity bucket (and new items) per model; False when there are none."""
+    buckets = present_buckets(models, POPULARITY_BUCKETS)
+    if not buckets:
+        return False
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(buckets) * max(1, len(models)) / 3, 3.2))
+    width = 0.8 / len(models)
+    for offset, (model, runs) in enumerate(models.items()):
+        means = [statistics.mean(r["test"].get(f"{b}/recall@10", 0.0) for r in runs) for b in buckets]
+        ax.bar([i + offset * width for i in range(len(buckets))], means, width, label=model)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(buckets))], buckets)
+    ax.set_ylabel("test recall@10")
+    ax.set_title(f"{dataset}: recall@10 per target bucket")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
 def plot_metrics(dataset: str, models: dict[str, list[dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(models), 3.2))
     width = 0.8 / 2
@@ -152,15 +194,18 @@ def write_report(records: list[dict], out: Path, *, metric: str = "ndcg@10") -> 
         slug = Path(dataset).name
         plot_metrics(dataset, models, out / f"{slug}-metrics.png")
         plot_curves(dataset, models, metric, out / f"{slug}-valid.png")
+        buckets = plot_buckets(dataset, models, out / f"{slug}-buckets.png")
         parts += [
             f"## {dataset}",
             "",
             results_table(models, metric),
             "",
             *best_lines(models, metric),
+            *bucket_table(models),
             *tuning_lines(models),
             *trials_table([t for t in trials if t["dataset"] == dataset], metric),
-            f"![test metrics]({slug}-metrics.png) ![validation]({slug}-valid.png)",
+            f"![test metrics]({slug}-metrics.png) ![validation]({slug}-valid.png)"
+            + (f" ![buckets]({slug}-buckets.png)" if buckets else ""),
             "",
         ]
     write_text(out / "report.md", "\n".join(parts))
