@@ -219,11 +219,16 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by hllm train.")],
     out_dir: Annotated[Path, typer.Argument(help="New folder for the serving artifact.")],
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
+    creator: Annotated[
+        Path | None,
+        typer.Option("--creator", help="An output folder of hllm creator infer: serve its titles."),
+    ] = None,
 ) -> None:
     """Write a self-contained serving artifact (weights, item table, ids, texts, manifest)."""
     from hllm.serving.export import export_run
 
-    typer.echo(f"artifact written to {export_run(run_dir, out_dir, checkpoint=checkpoint)}")
+    written = export_run(run_dir, out_dir, checkpoint=checkpoint, creator=creator)
+    typer.echo(f"artifact written to {written}")
 
 
 @app.command("index")

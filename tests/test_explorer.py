@@ -1,19 +1,24 @@
 """The explorer page at `/`: its read routes in-process, then every action in a real headless Chromium
-(Debian's `chromium`, driven by Playwright) against the real `hllm serve` on a free loopback port."""
+(Debian's `chromium`, driven by Playwright) against the real `hllm serve` on a free loopback port;
+the same for an artifact exported with the Creator titles of a hand-made `hllm creator infer` folder."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 from playwright.sync_api import Page, expect, sync_playwright
 
 from hllm.bench.serve import start_server, stop_server
+from hllm.errors import UserError
 from hllm.serving.app import create_app
-from hllm.serving.export import load_artifact
-from tests.support import copy_artifact
+from hllm.serving.export import load_artifact, read_manifest
+from tests.support import assert_one_line_error, copy_artifact, run_cli
 
 CHROMIUM = "/usr/bin/chromium"  # the OS package (make test installs it); never a downloaded browser
 CHROMIUM_ARGS = [
@@ -29,6 +34,8 @@ CHROMIUM_ARGS = [
 VARIABLE = "HLLM_TEST_EXPLORER_KEY"
 KEY = "explorer-key"
 TIMEOUT_MS = 20_000
+KEPT_TITLE = "blue pen for the science lab"  # u1's cluster 0: passed the hallucination filter
+REJECTED_TITLE = "blue pen that writes itself"  # u2's cluster 1: did not
 
 
 # --- the routes, in-process ----------------------------------------------------------------------
@@ -101,14 +108,22 @@ def browser():
         launched.close()
 
 
-@pytest.fixture
-def page(browser, server) -> Iterator[Page]:
+@contextlib.contextmanager
+def opened(browser, url: str) -> Iterator[Page]:
     tab = browser.new_page()
     tab.set_default_timeout(TIMEOUT_MS)
-    tab.goto(server)
+    tab.goto(url)
     expect(tab.locator("#user option").first).to_be_attached()  # start() has finished
-    yield tab
-    tab.close()
+    try:
+        yield tab
+    finally:
+        tab.close()
+
+
+@pytest.fixture
+def page(browser, server) -> Iterator[Page]:
+    with opened(browser, server) as tab:
+        yield tab
 
 
 def api_top(url: str, history: list[str], k: int = 10) -> list[str]:
@@ -179,3 +194,120 @@ def test_add_an_item_and_see_where_it_ranks(page, server):
     expect(page.locator("#rank")).to_contain_text(f"ranks #{place} of {size} items")
     if place <= 10:  # the new item is highlighted in the refreshed top-k
         expect(page.locator("#topk tr.added td:nth-child(2)")).to_have_text("new-lamp")
+
+
+# --- Creator titles: exported with the artifact, served, shown -----------------------------------
+
+
+def write_infer_folder(folder: Path) -> Path:
+    """What `hllm creator infer` writes, by hand: u1 in cluster 0, u2 in cluster 1, and a title of i1
+    for each cluster, of which only cluster 0's passed the hallucination filter."""
+    folder.mkdir(parents=True)
+    assignments = pd.DataFrame({"user_id": ["u1", "u2"], "cluster": [0, 1]})
+    titles = pd.DataFrame(
+        {
+            "cluster": [0, 1],
+            "item_id": ["i1", "i1"],
+            "title": [KEPT_TITLE, REJECTED_TITLE],
+            "score": [0.9, 0.8],
+            "kept": [True, False],
+            "reasons": [[], ["claims a fact the item does not have"]],
+        }
+    )
+    items = pd.DataFrame({"item_id": ["i1", "i2"], "original_title": ["blue pen", "green ink"]})
+    for name, frame in (("assignments", assignments), ("titles", titles), ("items", items)):
+        frame.to_parquet(folder / f"{name}.parquet", index=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def creator_artifact(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run exported with `hllm export --creator` (the page only reads it: no copy needed)."""
+    folder = tmp_path_factory.mktemp("creator")
+    out = folder / "artifact"
+    code, _, err = run_cli("export", tiny_run, out, "--creator", write_infer_folder(folder / "infer"))
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def creator_client(creator_artifact) -> TestClient:
+    return TestClient(create_app(load_artifact(creator_artifact)))
+
+
+def test_creator_titles_travel_in_the_artifact_under_its_hashes(creator_artifact, tmp_path):
+    files = read_manifest(creator_artifact)["files"]
+    assert {"creator/assignments.parquet", "creator/titles.parquet", "creator/items.parquet"} <= set(files)
+    artifact = copy_artifact(creator_artifact, tmp_path / "a")
+    titles = artifact / "creator" / "titles.parquet"
+    data = bytearray(titles.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different contents
+    titles.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="does not match the manifest"):
+        load_artifact(artifact)
+
+
+def test_export_refuses_an_incomplete_infer_folder(tiny_run, tmp_path):
+    infer = write_infer_folder(tmp_path / "infer")
+    (infer / "assignments.parquet").unlink()
+    code, _, err = run_cli("export", tiny_run, tmp_path / "artifact", "--creator", infer)
+    assert_one_line_error(code, err, "no assignments.parquet", str(infer))
+    assert not (tmp_path / "artifact").exists()
+
+
+def test_a_users_kept_cluster_title(creator_client):
+    assert creator_client.get("/health").json()["creator_titles"] is True
+    assert creator_client.get("/users/u1/titles/i1").json() == {
+        "user": "u1",
+        "item": "i1",
+        "title": KEPT_TITLE,
+        "source": "cluster 0",
+        "original_title": "blue pen",
+    }
+
+
+def test_a_rejected_or_missing_cluster_title_falls_back_to_the_original(creator_client):
+    rejected = creator_client.get("/users/u2/titles/i1").json()
+    assert (rejected["title"], rejected["source"]) == ("blue pen", "original")
+    untitled = creator_client.get("/users/u1/titles/i2").json()
+    assert (untitled["title"], untitled["source"]) == ("green ink", "original")
+
+
+@pytest.mark.parametrize(
+    "path, named", [("/users/nobody/titles/i1", "'nobody'"), ("/users/u1/titles/i99", "'i99'")]
+)
+def test_an_unknown_user_or_item_is_a_404_naming_it(creator_client, creator_artifact, path, named):
+    answer = creator_client.get(path)
+    assert answer.status_code == 404 and named in answer.json()["detail"]
+    assert str(creator_artifact) not in answer.json()["detail"]  # no server paths in answers
+
+
+@pytest.fixture(scope="module")
+def creator_server(creator_artifact) -> Iterator[str]:
+    process, url = start_server(creator_artifact, "exact", timeout=120)
+    try:
+        yield url
+    finally:
+        stop_server(process)
+
+
+def test_page_shows_a_users_creator_title(browser, creator_server):
+    with opened(browser, creator_server) as page:
+        expect(page.locator("#creator")).to_be_visible()
+        expect(page.locator("#title-out")).to_be_hidden()
+        page.fill("#title-user", "u1")
+        page.fill("#title-item", "i1")
+        page.click("#creator-title")
+        expect(page.locator("#title-text")).to_have_text(KEPT_TITLE)
+        expect(page.locator("#title-source")).to_have_text("(cluster 0)")
+        expect(page.locator("#title-original")).to_have_text("blue pen")
+        page.fill("#title-user", "u2")
+        page.click("#creator-title")
+        expect(page.locator("#title-text")).to_have_text("blue pen")
+        expect(page.locator("#title-source")).to_have_text("(original)")
+        page.fill("#title-user", "nobody")
+        page.click("#creator-title")
+        expect(page.locator("#status")).to_contain_text("404: unknown user id 'nobody'")
+        expect(page.locator("#title-out")).to_be_hidden()
+        page.click("#lookup")  # looking up a sample user asks the panel about that user
+        expect(page.locator("#title-user")).to_have_value(page.locator("#user").input_value())

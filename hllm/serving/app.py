@@ -305,7 +305,7 @@ def create_app(artifact: Artifact) -> FastAPI:
             "write_key": write_key is not None,
             "max_k": serve.max_k,
             "text_fields": artifact.text_fields,
-            "creator_titles": False,  # see explorer.py
+            "creator_titles": artifact.creator is not None,
             "model": {k: model[k] for k in ("item_backbone", "user_backbone", "dim")},
         }
 

@@ -1,8 +1,10 @@
-"""The explorer page at `/` and the read routes it needs beyond the JSON API: sample users, title search.
+"""The explorer page at `/` and the read routes it needs beyond the JSON API: sample users, title
+search, a user's Creator title for an item.
 
 The page (static/explorer.html + explorer.js, no build step) only calls HTTP routes, the same ones
-any client can call. Creator titles are not part of an artifact yet: their route answers 404 and
-/health says `creator_titles: false`, which hides the page's panel.
+any client can call. Creator titles come with an artifact exported with `hllm export --creator
+INFER_DIR`; without them /health says `creator_titles: false`, which hides the page's panel, and
+their route answers 404.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse
 
+from hllm.errors import UserError
 from hllm.serving.export import Artifact
 
 if TYPE_CHECKING:  # app.py builds the catalogue and includes this router
@@ -61,7 +64,15 @@ def explorer_router(artifact: Artifact, catalogue: Catalogue) -> APIRouter:
 
     @router.get("/users/{user}/titles/{item_id:path}")
     def creator_title(user: str, item_id: str) -> dict:
-        """A user's Creator title for an item: 404 while artifacts carry no Creator titles."""
-        raise HTTPException(404, "this artifact carries no Creator titles")
+        """The title to show `user` for an item: their cluster's title when it passed the hallucination
+        filter, else the original (`source` says which)."""
+        if (creator := artifact.creator) is None:
+            raise HTTPException(404, "this artifact carries no Creator titles (hllm export --creator)")
+        try:
+            title, source = creator.title(user, item_id)
+        except UserError as err:
+            raise HTTPException(404, err.message) from None  # the message, not the artifact's path
+        original = creator.originals[item_id]
+        return {"user": user, "item": item_id, "title": title, "source": source, "original_title": original}
 
     return router

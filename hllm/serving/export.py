@@ -1,4 +1,5 @@
-"""Serving artifact: a trained run -> one self-contained folder (weights, item table, ids, texts, manifest).
+"""Serving artifact: a trained run -> one self-contained folder (weights, item table, ids, texts, manifest;
+optionally the Creator titles of an `hllm creator infer` folder, under `creator/`).
 
 `load_artifact` checks every file against the manifest's hashes before it builds anything.
 Dims: N catalogue rows (row 0 = PAD), D embedding width, L history length.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -29,6 +31,7 @@ from hllm.files import hash_file, publish_folder, write_json
 from hllm.models.backbone import load_backbone
 from hllm.models.build import build_model
 from hllm.runs import config_hash, load_run
+from hllm.serving.creator_titles import CREATOR_FILES, CreatorTitles
 
 FORMAT = 1
 SAMPLE_USERS = 1000  # held-out histories kept for index recall checks and load tests
@@ -38,6 +41,7 @@ HEAD_WEIGHTS = "head.safetensors"  # the adaptor (projection) and the temperatur
 # have no ID row, from their text alone, so it is built and stored without the ID table.
 ID_ROWS = "item_ids."
 LIBRARIES = ("torch", "transformers", "safetensors", "numpy", "faiss-cpu", "fastapi")
+CREATOR = "creator"  # the folder of the Creator titles inside an artifact
 
 
 @dataclass
@@ -55,17 +59,23 @@ class Artifact:
     embeddings: np.ndarray  # (N, D) float32, L2-normalised; row 0 = PAD
     histories: list[list[str]] = field(default_factory=list)
     users: list[str] = field(default_factory=list)  # raw user id of each sample history
+    creator: CreatorTitles | None = None  # users' Creator titles, when exported with them
 
     @property
     def text_fields(self) -> list[str]:
         return self.manifest["model"]["text_fields"]
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "best") -> Path:
-    """Write the serving artifact of a trained HLLM run to `out_dir` (a new folder)."""
+def export_run(
+    run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "best", creator: str | Path | None = None
+) -> Path:
+    """Write the serving artifact of a trained HLLM run to `out_dir` (a new folder), with the Creator
+    titles of the infer folder `creator` when given."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise UserError("already exists; choose a new folder or delete it", where=str(out_dir))
+    if creator is not None:
+        CreatorTitles.read(creator)  # refuse a missing or damaged infer folder before the long part
     run = load_run(run_dir, checkpoint=checkpoint)
     if run.config.model.kind != "hllm":
         raise UserError(
@@ -93,6 +103,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
         users, histories = _sample_histories(run.data, run.config)
         write_json(folder / "histories.json", histories)
         write_json(folder / "users.json", users)
+        if creator is not None:
+            (folder / CREATOR).mkdir()
+            for name in CREATOR_FILES:
+                shutil.copyfile(Path(creator) / name, folder / CREATOR / name)
         write_manifest(folder, _describe(run, checkpoint, table.shape[1]))
         folder.chmod(0o755)  # a temporary folder is private; an artifact is meant to be shared
 
@@ -223,7 +237,10 @@ def load_artifact(folder: str | Path, overrides: list[str] | None = None, *, ver
     )
     tokenizer = AutoTokenizer.from_pretrained(folder / "item_llm")
     columns = [items[name].astype(str).tolist() for name in ("id", "title", "text")]
-    return Artifact(folder, config, manifest, model, tokenizer, *columns, embeddings, histories, users)
+    creator = CreatorTitles.read(folder / CREATOR) if (folder / CREATOR).is_dir() else None
+    return Artifact(
+        folder, config, manifest, model, tokenizer, *columns, embeddings, histories, users, creator
+    )
 
 
 def _load_model(folder: Path, config: RunConfig, manifest: dict) -> torch.nn.Module:

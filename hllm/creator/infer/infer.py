@@ -29,6 +29,7 @@ from hllm.creator.infer.generation import ItemFacts, generate_titles, project_us
 from hllm.creator.model.training import CreatorRun, load_creator
 from hllm.errors import UserError
 from hllm.files import atomic_write
+from hllm.serving.creator_titles import CreatorTitles
 from hllm.train import launch_fabric
 
 PAIR_KEY = ["cluster", "item_id"]
@@ -226,20 +227,5 @@ def start_infer(run_dir: str | Path, out: str | Path, *, items: list[str] | None
 
 
 def lookup_title(out: str | Path, user_id: str, item_id: str) -> tuple[str, str]:
-    """(title, where it came from) for a user and an item: the user's cluster title when it exists
-    and passed the filter, else the original title."""
-    out = Path(out)
-    if not (out / "titles.parquet").is_file():
-        raise UserError("no titles.parquet: run `hllm creator infer` first", where=str(out))
-    assignments = pd.read_parquet(out / "assignments.parquet").set_index("user_id")["cluster"]
-    items = pd.read_parquet(out / "items.parquet").set_index("item_id")["original_title"]
-    if user_id not in assignments.index:
-        raise UserError(f"unknown user id {user_id!r}", where=str(out))
-    if item_id not in items.index:
-        raise UserError(f"item {item_id!r} was not part of this inference", where=str(out))
-    cluster = int(assignments[user_id])
-    titles = pd.read_parquet(out / "titles.parquet")
-    match = titles[(titles["cluster"] == cluster) & (titles["item_id"] == item_id) & titles["kept"]]
-    if len(match):
-        return str(match["title"].iloc[0]), f"cluster {cluster}"
-    return str(items[item_id]), "original"
+    """(title, where it came from) for a user and an item of an infer folder: see `CreatorTitles`."""
+    return CreatorTitles.read(out).title(user_id, item_id)

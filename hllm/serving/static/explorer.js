@@ -4,7 +4,6 @@
 const $ = (id) => document.getElementById(id);
 let health = null;
 let history = []; // [{id, title}], oldest first
-let user = null; // the sample user whose history is shown, if any
 
 async function call(method, path, body, headers = {}) {
   const options = { method, headers: { ...headers } };
@@ -62,7 +61,8 @@ async function refresh(highlight = null) {
 
 async function lookUp() {
   say("");
-  user = $("user").value;
+  const user = $("user").value;
+  $("title-user").value = user; // the Creator panel then asks about the user whose history is shown
   history = (await call("GET", `samples/${encodeURIComponent(user)}`)).history;
   await refresh();
 }
@@ -79,7 +79,6 @@ async function typed() {
   say("");
   const tokens = $("history").value.split(",").map((t) => t.trim()).filter(Boolean);
   if (!tokens.length) throw new Error("type item ids or titles, comma-separated");
-  user = null;
   history = [];
   for (const token of tokens) history.push(await resolve(token));
   await refresh();
@@ -111,9 +110,15 @@ async function addItem() {
 
 async function creatorTitle() {
   say("");
+  $("title-out").hidden = true;
+  const user = $("title-user").value.trim();
   const item = $("title-item").value.trim();
-  const answer = await call("GET", `users/${encodeURIComponent(user || "")}/titles/${encodeURIComponent(item)}`);
-  $("title-out").textContent = answer.title;
+  if (!user || !item) throw new Error("give a user id and an item id");
+  const answer = await call("GET", `users/${encodeURIComponent(user)}/titles/${encodeURIComponent(item)}`);
+  $("title-text").textContent = answer.title;
+  $("title-source").textContent = `(${answer.source})`;
+  $("title-original").textContent = answer.original_title;
+  $("title-out").hidden = false;
 }
 
 async function start() {
