@@ -33,7 +33,7 @@ def scientific_slice(shared_data: Path, tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.mark.slow  # two Python processes, about 30 s on 2 cores
+@pytest.mark.process  # two Python processes, about 30 s on 2 cores
 def test_tiny_rehearsal_reports_parity_validation_and_tokens_per_second(scientific_slice, tmp_path):
     out = tmp_path / "check"
     env = os.environ | {
