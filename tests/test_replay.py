@@ -13,7 +13,7 @@ from hllm.evaluate import evaluate_split
 from hllm.runs import load_run
 from hllm.serving.app import create_app
 from hllm.serving.export import export_run, load_artifact
-from hllm.serving.replay import add_items, drop_items, item_fields, replay_users
+from hllm.serving.replay import add_items, drop_items, item_fields, replay_users, served_rank
 from hllm.train import fit
 from tests.support import tiny_overrides
 
@@ -43,3 +43,15 @@ def test_served_new_items_score_as_offline(cold_run, tmp_path):
     assert online["users"] == offline["users"]
     for key, value in online.items():
         assert value == pytest.approx(offline[key], abs=1e-4), key
+
+
+def test_a_served_tie_ranks_by_catalogue_index_as_offline(cold_run):
+    """Items of identical text score alike; the server may list them in any order, the rank
+    follows the evaluator: higher scores first, then ties of lower catalogue index."""
+    data = load_run(cold_run).data
+    first, second, third = (str(data.item_ids[i]) for i in (1, 2, 3))
+    served = [{"id": third, "score": 0.9}, {"id": second, "score": 0.5}, {"id": first, "score": 0.5}]
+    assert served_rank(served, data, target=2, depth=10) == 3  # item 1 ties and comes first
+    assert served_rank(served, data, target=1, depth=10) == 2
+    assert served_rank(served, data, target=3, depth=10) == 1
+    assert served_rank(served, data, target=4, depth=10) == 11  # not served: a miss

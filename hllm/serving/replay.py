@@ -68,6 +68,23 @@ def add_items(client: Client, item_ids: list[str], fields: list[dict[str, str]])
             raise UserError(f"POST /items answered {response.status_code}: {response.text}", where=item_id)
 
 
+def served_rank(served: list[dict], data: SequenceData, target: int, depth: int) -> int:
+    """The target's rank in a served list by the evaluator's rule (`metrics.target_ranks`): items
+    scoring higher, then tied items of lower catalogue index. Items of identical text score exactly
+    alike, and the server orders such ties its own way (an added item comes last in its catalogue).
+    Past `depth`, a miss."""
+    target_id = str(data.item_ids[target])
+    scores = {item["id"]: item["score"] for item in served}
+    if target_id not in scores:
+        return depth + 1
+    mine = scores[target_id]
+    before = sum(
+        score > mine or (score == mine and data.item_index(item_id) < target)
+        for item_id, score in scores.items()
+    )
+    return before + 1
+
+
 def replay_users(
     client: Client, data: SequenceData, ks: list[int], *, split: str = "test"
 ) -> dict[str, float]:
@@ -83,9 +100,7 @@ def replay_users(
             raise UserError(
                 f"POST /recommend answered {response.status_code}: {response.text}", where="replay"
             )
-        served = [item["id"] for item in response.json()["items"]]
-        target = str(data.item_ids[targets[user]])
-        ranks.append(served.index(target) + 1 if target in served else depth + 1)  # past depth: a miss
+        ranks.append(served_rank(response.json()["items"], data, int(targets[user]), depth))
     ranks = torch.tensor(ranks)
     summary = {f"recall@{k}": recall_at_k(ranks, k).mean().item() for k in ks}
     return summary | {f"ndcg@{k}": ndcg_at_k(ranks, k).mean().item() for k in ks} | {"users": len(ranks)}
