@@ -13,6 +13,7 @@ from hllm.bench.report import best_lines, write_report
 from hllm.cli import app
 from hllm.config import load_config
 from hllm.errors import UserError
+from hllm.files import hash_json
 
 KEYS = {"dataset", "model", "seed", "valid", "test", "train_seconds", "params", "config", "protocol"}
 
@@ -67,10 +68,11 @@ def test_a_grid_with_an_unknown_key_or_a_model_in_two_grids_is_refused(tmp_path,
     recipes.grids.cache_clear()
 
 
-def test_quick_bench_writes_records_resumes_and_reports(tmp_path):
+def test_quick_bench_writes_records_resumes_and_reports(tmp_path, monkeypatch):
     model = "hllm-minilm-frozen-no-dropout"  # untuned: one run per seed
     args = ["bench", "--quick", "--models", f"popularity,{model}", "--seeds", "2", "--out", str(tmp_path)]
-    args += ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    monkeypatch.chdir(tmp_path)
+    args += ["--set", "data.cache_dir=cache"]  # relative, as the default is
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     records = json.loads((tmp_path / "results.json").read_text())
@@ -83,6 +85,9 @@ def test_quick_bench_writes_records_resumes_and_reports(tmp_path):
     assert all(KEYS <= set(r) and "recall@10" in r["test"] for r in records)
     assert records[2]["params"] > 0 and records[2]["protocol"]["items_ranked"] == 1682
     assert records[2]["config"]["model"]["user"]["dropout"] == 0.0  # from its recipe file
+    # Checkable: each card's hash is the hash of the config stored beside it, paths made absolute.
+    assert all(hash_json(r["config"]) == r["protocol"]["config_hash"] for r in records)
+    assert records[2]["config"]["data"]["cache_dir"] == str(tmp_path / "cache")
 
     # Lose the last record (as if interrupted): a rerun recomputes only that one.
     (tmp_path / "results.json").write_text(json.dumps(records[:3]))

@@ -14,7 +14,7 @@ from hllm.files import hash_json
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 RECORDS = ("results.json", "tuning.json", "ablations.json")
-PLACES = {"data.path", "out_dir"}
+PLACES = {"data.path", "data.cache_dir", "out_dir"}
 
 
 def load(name: str) -> list[dict]:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from hllm.bench import recipes
-from hllm.config import RunConfig, config_to_dict, load_config
+from hllm.config import RunConfig, absolute_paths, config_to_dict, load_config
 from hllm.data.dataset import prepare_dataset
 from hllm.errors import UserError
 from hllm.evaluate import evaluate_split, item_table, protocol_card
@@ -69,7 +69,10 @@ def record_config(
 
 
 def run_record(config: RunConfig, dataset: str, model: str, seed: int) -> dict:
-    """Train (or resume) one configuration and score it; UNTRAINED baselines are scored as built."""
+    """Train (or resume) one configuration and score it; UNTRAINED baselines are scored as built.
+    The record keeps the config as the run keeps it (input paths absolute, see `absolute_paths`),
+    the one its protocol card's hash is computed from."""
+    config = absolute_paths(config)
     started = time.perf_counter()
     data = prepare_dataset(config.data)
     if config.model.kind in UNTRAINED:
