@@ -346,28 +346,17 @@ def test_cold_start_items_survive_a_restart(tiny_artifact, tmp_path):
         assert saved["embeddings"].shape[0] == 2
 
 
-def test_bf16_model_pass_ranks_like_fp32(tiny_artifact, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "int8"])  # bf16 autocast; int8 User LLM weights
+def test_a_lower_precision_user_llm_ranks_like_fp32(tiny_artifact, tmp_path, precision):
     body = {"history": ["i3", "i4", "i5"], "k": 5}
     answers = []
-    for precision in ("fp32", "bf16"):
-        folder = copy_artifact(tiny_artifact, tmp_path / precision)
-        with serving(folder, [f"serve.precision={precision}"]) as address:
+    for name in ("fp32", precision):
+        folder = copy_artifact(tiny_artifact, tmp_path / name)
+        with serving(folder, [f"serve.precision={name}"]) as address:
             answers.append(httpx.post(f"{address}/recommend", json=body, timeout=TIMEOUT).json()["items"])
-    fp32, bf16 = answers
-    assert [i["id"] for i in bf16] == [i["id"] for i in fp32]
-    np.testing.assert_allclose([i["score"] for i in bf16], [i["score"] for i in fp32], atol=2e-2)
-
-
-def test_int8_user_llm_ranks_like_fp32(tiny_artifact, tmp_path):
-    body = {"history": ["i3", "i4", "i5"], "k": 5}
-    answers = []
-    for precision in ("fp32", "int8"):
-        folder = copy_artifact(tiny_artifact, tmp_path / precision)
-        with serving(folder, [f"serve.precision={precision}"]) as address:
-            answers.append(httpx.post(f"{address}/recommend", json=body, timeout=TIMEOUT).json()["items"])
-    fp32, int8 = answers
-    assert [i["id"] for i in int8] == [i["id"] for i in fp32]
-    np.testing.assert_allclose([i["score"] for i in int8], [i["score"] for i in fp32], atol=2e-2)
+    fp32, lower = answers
+    assert [i["id"] for i in lower] == [i["id"] for i in fp32]
+    np.testing.assert_allclose([i["score"] for i in lower], [i["score"] for i in fp32], atol=2e-2)
 
 
 def test_history_window_reads_only_the_most_recent_items(tiny_artifact, tmp_path):
