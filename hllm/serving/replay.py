@@ -20,7 +20,7 @@ from hllm.config import DataConfig
 from hllm.data.dataset import SequenceData
 from hllm.data.formats import locate, read_source
 from hllm.errors import UserError
-from hllm.metrics import ndcg_at_k, recall_at_k
+from hllm.metrics import ndcg_at_k, recall_at_k, target_ranks
 from hllm.serving.export import read_manifest, write_catalogue, write_manifest
 
 MANIFEST_OWN = ("format", "hllm", "versions", "items", "files")  # write_manifest fills these in
@@ -69,20 +69,16 @@ def add_items(client: Client, item_ids: list[str], fields: list[dict[str, str]])
 
 
 def served_rank(served: list[dict], data: SequenceData, target: int, depth: int) -> int:
-    """The target's rank in a served list by the evaluator's rule (`metrics.target_ranks`): items
-    scoring higher, then tied items of lower catalogue index. Items of identical text score exactly
-    alike, and the server orders such ties its own way (an added item comes last in its catalogue).
-    Past `depth`, a miss."""
-    target_id = str(data.item_ids[target])
-    scores = {item["id"]: item["score"] for item in served}
-    if target_id not in scores:
+    """The target's rank in a served list by the evaluator's own rule (`metrics.target_ranks`:
+    items scoring higher, then tied items of lower catalogue index). Items of identical text score
+    exactly alike, and the server orders such ties its own way (an added item comes last in its
+    catalogue). Past `depth`, a miss."""
+    scores = torch.full((1, data.num_items), float("-inf"), dtype=torch.float64)  # unserved: never before
+    for item in served:
+        scores[0, data.item_index(item["id"])] = item["score"]
+    if torch.isneginf(scores[0, target]):
         return depth + 1
-    mine = scores[target_id]
-    before = sum(
-        score > mine or (score == mine and data.item_index(item_id) < target)
-        for item_id, score in scores.items()
-    )
-    return before + 1
+    return int(target_ranks(scores, torch.tensor([target]))[0])
 
 
 def replay_users(
