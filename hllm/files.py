@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 CHUNK = 1 << 20
 
 
@@ -69,6 +71,17 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def append_json(path: str | Path, record: Any) -> list:
+    """Add `record` to the JSON list at `path` and return the whole list, under a lock file: two
+    processes appending to the same file (two benchmarks on two cores) keep both their records."""
+    path = Path(path)
+    with FileLock(path.with_name(path.name + ".lock")):
+        records = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+        records.append(record)
+        write_json(path, records)
+    return records
 
 
 def hash_file(path: str | Path, digest: hashlib._Hash | None = None) -> str:

@@ -1,13 +1,16 @@
-"""Folders are published whole: a second publisher keeps the first one's folder unless it replaces it."""
+"""Folders are published whole (a second publisher keeps the first one's folder unless it replaces it);
+JSON lists appended from two processes keep every record."""
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 from pathlib import Path
 
 import pytest
 
-from hllm.files import publish_folder
+from hllm.files import append_json, publish_folder
 
 
 def writer(text: str):
@@ -49,3 +52,21 @@ def test_replace_swaps_the_folder_and_a_failed_write_leaves_it_as_it_was(tmp_pat
         publish_folder(crash, folder, replace=True)
     assert (folder / "part.txt").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+def _append_many(path: str, writer: int, count: int) -> None:
+    for i in range(count):
+        append_json(path, {"writer": writer, "i": i})
+
+
+def test_append_json_from_two_processes_keeps_every_record(tmp_path):
+    path = tmp_path / "results.json"
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_append_many, args=(str(path), w, 25)) for w in range(2)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    records = json.loads(path.read_text())
+    assert sorted((r["writer"], r["i"]) for r in records) == [(w, i) for w in range(2) for i in range(25)]

@@ -76,6 +76,10 @@ def bench(
 def bench_serve(
     artifact: Annotated[Path, typer.Argument(help="An artifact written by hllm export.")],
     overrides: Overrides = None,
+    beside: Annotated[
+        list[Path] | None,
+        typer.Option(help="Another artifact served beside the first, every size and variant; repeatable."),
+    ] = None,
     sizes: Annotated[
         str, typer.Option(help="Catalogue sizes (real + synthetic items).")
     ] = "10000,100000,1000000",
@@ -105,7 +109,14 @@ def bench_serve(
         rounds=rounds,
     )
     sizes_list = list(numbers(sizes, "--sizes"))
-    records = run(artifact, out, sizes=sizes_list, **kwargs, overrides=overrides or [], command=command)
+    records = run(
+        [artifact, *(beside or [])],
+        out,
+        sizes=sizes_list,
+        **kwargs,
+        overrides=overrides or [],
+        command=command,
+    )
     typer.echo(f"{len(records)} measurements in {out / 'serve.json'}; table in {report}")
 
 

@@ -13,7 +13,7 @@ from hllm.config import RunConfig, absolute_paths, config_to_dict, load_config
 from hllm.data.dataset import prepare_dataset
 from hllm.errors import UserError
 from hllm.evaluate import evaluate_split, item_table, protocol_card
-from hllm.files import write_json
+from hllm.files import append_json
 from hllm.models.build import build_model
 from hllm.runs import config_hash
 from hllm.train import fit
@@ -116,7 +116,8 @@ def run_bench(
     grid_size: int | None = None,
 ) -> list[dict]:
     """Run every missing record under `protocol` (see PROTOCOLS), appending each to
-    `out/results.json` as soon as it is done. `grid_size` tunes every model on the first settings
+    `out/results.json` as soon as it is done (under a lock: two runs over other datasets or models
+    may share `out`). `grid_size` tunes every model on the first settings
     of its grid only (the same number for every family, so the budgets stay equal; 1 = the recipe)."""
     results_path = out / "results.json"
     records = json.loads(results_path.read_text()) if results_path.exists() else []
@@ -141,9 +142,8 @@ def run_bench(
                     record = run_record(config, dataset, model, seed) | {"quick": quick}
                     if best is not None:
                         record["tuning"] = best["tuning"]
-                records.append(record)
-                write_json(results_path, records)
-    return records
+                append_json(results_path, record)
+    return json.loads(results_path.read_text()) if results_path.exists() else []
 
 
 def tune(
@@ -160,8 +160,7 @@ def tune(
         tag = f"t{index}"
         config = record_config(dataset, model, 0, out, quick=quick, extra=[*overrides, *extra], tag=tag)
         record = run_record(config, dataset, model, 0) | {"quick": quick, "overrides": overrides, "tag": tag}
-        trials.append(record)
-        write_json(path, trials)
+        trials = append_json(path, record)
     mine = [t for t in trials if (t["dataset"], t["model"]) == (dataset, model) and t["overrides"] in grid]
     metric = mine[0]["config"]["eval"]["metric"]
     best = max(mine, key=lambda t: t["valid"][metric])

@@ -31,6 +31,7 @@ from hllm.serving.index import index_artifact, settings_of
 HEADING = "## Serving"
 STARTUP_S = 600  # a 1M-item artifact is hashed, loaded and indexed before /health answers
 CHUNK = 100_000
+OVERLAP_HISTORIES = 1000  # held-out histories each variant's top-10 is compared on
 
 
 def scale_artifact(source: Path, folder: Path, items: int, *, seed: int = 0) -> Path:
@@ -88,18 +89,29 @@ def start_server(
     folder: Path, kind: str, *, overrides: list[str] = (), timeout: float = STARTUP_S
 ) -> tuple[subprocess.Popen, str]:
     """`hllm serve` in a subprocess on a free port; returns once /health answers (or fails)."""
+    process, url = launch_server(folder, kind, overrides=overrides)
+    wait_healthy(process, url, folder, timeout)
+    return process, url
+
+
+def launch_server(folder: Path, kind: str, *, overrides: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """`hllm serve` in a subprocess on a free port, without waiting for it (see `wait_healthy`)."""
     port = free_port()
     command = [sys.executable, "-m", "hllm", "serve", str(folder), f"serve.index={kind}", *overrides]
     command += ["--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(process: subprocess.Popen, url: str, folder: Path, timeout: float = STARTUP_S) -> None:
+    """Return once the server answers /health; kill it and raise if it exits or the timeout passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise UserError(f"the server exited: {process.stderr.read().strip()[-500:]}", where=str(folder))
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
+                return
         except httpx.HTTPError:
             time.sleep(0.2)  # not listening yet: poll again until the deadline
     process.kill()
@@ -161,19 +173,33 @@ def summarise(runs: list[dict], clients: int) -> dict:
 
 
 def compare(
-    urls: dict[str, str], histories: list[list[str]], *, clients: int, seconds: float, rounds: int
-) -> dict[str, dict]:
-    """Each server in turn for seconds / rounds, `rounds` times: on a shared machine every variant
-    sees the same background load, which back-to-back runs would not."""
-    runs: dict[str, list[dict]] = {name: [] for name in urls}
+    servers: dict[tuple[str, str], tuple[str, list[list[str]]]], *, clients: int, seconds: float, rounds: int
+) -> dict[tuple[str, str], dict]:
+    """Each server (url, the histories it is asked for) in turn for seconds / rounds, `rounds` times:
+    on a shared machine every server sees the same background load, which back-to-back runs would not."""
+    runs: dict[tuple[str, str], list[dict]] = {name: [] for name in servers}
     for _ in range(rounds):
-        for name, url in urls.items():
+        for name, (url, histories) in servers.items():
             runs[name].append(asyncio.run(drive(url, histories, clients=clients, seconds=seconds / rounds)))
     return {name: summarise(done, clients) for name, done in runs.items()}
 
 
+def top_items(url: str, histories: list[list[str]], k: int = 10) -> list[list[str]]:
+    """The served top-k ids for each history, one request at a time."""
+    with httpx.Client(timeout=60) as http:
+        return [
+            [hit["id"] for hit in http.post(f"{url}/recommend", json={"history": h, "k": k}).json()["items"]]
+            for h in histories
+        ]
+
+
+def overlap_at_10(first: list[list[str]], other: list[list[str]]) -> float:
+    """Mean share of one top-10 found in the other, per history."""
+    return float(np.mean([len(set(a) & set(b)) / max(len(a), 1) for a, b in zip(first, other)]))
+
+
 def bench_serve(
-    artifact: Path,
+    artifacts: list[Path],
     out: Path,
     *,
     sizes: list[int],
@@ -184,40 +210,60 @@ def bench_serve(
     overrides: list[str] = (),
     variants: list[list[str]] = ([],),
     rounds: int = 1,
+    agreement: int = OVERLAP_HISTORIES,
     command: str = "hllm bench serve",
 ) -> list[dict]:
-    """Every (size, kind, clients, variant) against the real server, added to out/serve.json (a rerun
-    with the same settings replaces its rows) and to the `report` section. `overrides` are serve.*
-    settings for the recall check and every server; each variant adds its own and gets its own
-    server, all up at once and driven in turn (`rounds` times per level)."""
-    histories = load_artifact(artifact, verify=False).histories
+    """Every (size, kind, clients, artifact, variant) against the real server, added to
+    out/serve.json (a rerun with the same settings replaces its rows) and to the `report` section.
+
+    `overrides` are serve.* settings for the recall check and every server; each variant adds its
+    own and gets its own server per artifact, all up at once and driven in turn (`rounds` times per
+    level), each artifact with its own held-out histories. With several variants, each one's top-10
+    is compared with the first variant's of the same artifact over `agreement` held-out histories
+    (overlap@10: does int8 or a shorter window rank like fp32?).
+    """
+    names = [Path(a).name for a in artifacts]
+    if len(set(names)) < len(names):
+        raise UserError(f"artifacts need distinct folder names, got {names}", where="ARTIFACTS")
+    histories = {name: load_artifact(a, verify=False).histories for name, a in zip(names, artifacts)}
     path = out / "serve.json"
     records = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
     for size in sizes:
-        folder = scale_artifact(Path(artifact), out / f"catalogue-{size}", size)
+        folders = {
+            name: scale_artifact(Path(a), out / f"catalogue-{size}-{name}", size)
+            for name, a in zip(names, artifacts)
+        }
         for kind in kinds:
-            # builds and saves the index the servers then read
-            loaded = load_artifact(folder, list(overrides))
-            built = index_artifact(loaded, kind)
-            settings = settings_of(loaded.config.serve, kind)
-            del settings["kind"]
-            servers: dict[str, tuple[subprocess.Popen, str]] = {}
+            built, servers = {}, {}
             try:
-                for variant in variants:
-                    servers[" ".join(variant)] = start_server(folder, kind, overrides=[*overrides, *variant])
+                for name, folder in folders.items():
+                    loaded = load_artifact(
+                        folder, list(overrides)
+                    )  # builds and saves the index the servers read
+                    built[name] = index_artifact(loaded, kind) | {
+                        "settings": settings_of(loaded.config.serve, kind)
+                    }
+                    for variant in variants:
+                        servers[name, " ".join(variant)] = launch_server(
+                            folder, kind, overrides=[*overrides, *variant]
+                        )
+                for (name, _), (process, url) in servers.items():  # they start side by side
+                    wait_healthy(process, url, folders[name])
+                overlaps = agreement_of(servers, histories, agreement) if len(variants) > 1 else {}
                 for level in clients:
-                    urls = {name: url for name, (_, url) in servers.items()}
-                    results = compare(urls, histories, clients=level, seconds=seconds, rounds=rounds)
-                    for name, result in results.items():
-                        serve = load_config(folder / "config.yaml", [*overrides, *name.split()]).serve
-                        row = {"items": size, "index": kind, "settings": settings, "variant": name, **result}
+                    targets = {key: (url, histories[key[0]]) for key, (_, url) in servers.items()}
+                    results = compare(targets, clients=level, seconds=seconds, rounds=rounds)
+                    for (name, variant), result in results.items():
+                        serve = load_config(
+                            folders[name] / "config.yaml", [*overrides, *variant.split()]
+                        ).serve
+                        settings = {k: v for k, v in built[name]["settings"].items() if k != "kind"}
+                        row = {"items": size, "index": kind, "settings": settings, "artifact": name}
+                        row |= {"variant": variant, **result, "overlap@10": overlaps.get((name, variant))}
                         row |= {"precision": serve.precision, "history_window": serve.history_window}
-                        row |= {
-                            "recall@10": built["recall@10"],
-                            "build_s": built["build_s"],
-                            "command": command,
-                        }
-                        same = ("items", "index", "settings", "precision", "variant", "clients")
+                        row |= {"recall@10": built[name]["recall@10"], "build_s": built[name]["build_s"]}
+                        row["command"] = command
+                        same = ("items", "index", "settings", "precision", "variant", "clients", "artifact")
                         records = [r for r in records if any(r.get(key) != row[key] for key in same)] + [row]
                         write_json(path, records)
                         print(json.dumps(row), flush=True)
@@ -229,26 +275,44 @@ def bench_serve(
     return records
 
 
+def agreement_of(
+    servers: dict[tuple[str, str], tuple[subprocess.Popen, str]],
+    histories: dict[str, list[list[str]]],
+    count: int,
+) -> dict[tuple[str, str], float]:
+    """overlap@10 of every variant with the first variant of the same artifact, over its first
+    `count` held-out histories (the first variant's own is 1 by definition)."""
+    tops = {key: top_items(url, histories[key[0]][:count]) for key, (_, url) in servers.items()}
+    firsts = {}
+    for name, variant in tops:
+        firsts.setdefault(name, variant)
+    return {(name, v): overlap_at_10(tops[name, firsts[name]], top) for (name, v), top in tops.items()}
+
+
 def serving_section(records: list[dict]) -> str:
     """The Markdown table of serving benchmarks, with the commands and machine that produced them."""
     rows = [
-        "| items | index | recall@10 | clients | requests | req/s | p50 ms | p95 ms | p99 ms | errors |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| items | artifact | index | recall@10 | clients | requests | req/s | p50 ms | p95 ms | p99 ms "
+        "| errors | overlap@10 |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     order = {"exact": 0, "hnsw": 1, "ivf": 2}
 
     def place(r: dict) -> tuple:
         settings = str(r.get("settings")), r.get("precision", "fp32"), r.get("variant", "")
-        return r["items"], order[r["index"]], *settings, r["clients"]
+        return r["items"], r.get("artifact", ""), order[r["index"]], *settings, r["clients"]
 
     for r in sorted(records, key=place):
         index = r["index"] + "".join(f" {k.split('_', 1)[1]}={v}" for k, v in r.get("settings", {}).items())
         index += " bf16" if r.get("precision") == "bf16" else ""
         index += f" ({r['variant']})" if r.get("variant") else ""
+        overlap = "" if r.get("overlap@10") is None else f"{r['overlap@10']:.3f}"
         rows.append(
-            f"| {r['items']:,} | {index} | {r['recall@10']:.3f} | {r['clients']} | {r['requests']} | "
-            f"{r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |"
+            f"| {r['items']:,} | {r.get('artifact', '')} | {index} | {r['recall@10']:.3f} | {r['clients']} | "
+            f"{r['requests']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
+            f"{r['errors']} | {overlap} |"
         )
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     commands = [f"    {c}" for c in dict.fromkeys(r.get("command", "hllm bench serve") for r in records)]
-    return "\n".join([f"On {machine}, from:", "", *commands, "", *rows, ""])
+    note = "overlap@10: a variant's top-10 against the first variant's of its artifact (held-out histories)."
+    return "\n".join([f"On {machine}, from:", "", *commands, "", *rows, "", note, ""])
