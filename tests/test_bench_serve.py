@@ -38,7 +38,7 @@ def test_two_artifacts_and_two_variants_in_one_run(tiny_artifact, tmp_path):
     ]
     for row in records:
         assert row["errors"] == 0 and row["requests"] > 0 and row["items"] == ITEMS
-        assert row["recall@10"] == 1.0  # exact search
+        assert row["recall@10"] == 1.0 and row["saved_index_read"] is False  # exact search, never saved
         assert 0.0 <= row["overlap@10"] <= 1.0
         if row["variant"] == "":
             assert row["overlap@10"] == 1.0  # the first variant is the reference

@@ -149,6 +149,7 @@ def test_index_artifact_reports_recall_and_saves_an_index_open_index_reuses(
     report = index_artifact(artifact, "hnsw")
     assert report["recall@10"] == 1.0  # 12 items: the HNSW search width covers them all
     assert report["kind"] == "hnsw" and report["items"] == 12 and report["queries"] > 0
+    assert report["saved_index_read"] is False  # built here
     path = index_path(artifact, "hnsw")
     assert path.is_file() and path.with_suffix(".json").is_file()
     stamp = path.stat().st_mtime_ns
@@ -164,6 +165,7 @@ def test_index_artifact_reports_recall_and_saves_an_index_open_index_reuses(
         wider = open_index(artifact, {**settings, "hnsw_ef_search": 777})
     assert index.ntotal == 12 and path.stat().st_mtime_ns == stamp
     assert faiss.downcast_index(wider).hnsw.efSearch == 777
+    assert index_artifact(artifact, "hnsw")["saved_index_read"] is True
     # Other settings define another index: it is rebuilt (and saved over the old one).
     rebuilt = open_index(artifact, {**settings, "hnsw_m": 8})
     assert rebuilt.ntotal == 12

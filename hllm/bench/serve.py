@@ -261,7 +261,7 @@ def bench_serve(
                         row = {"items": size, "index": kind, "settings": settings, "artifact": name}
                         row |= {"variant": variant, **result, "overlap@10": overlaps.get((name, variant))}
                         row |= {"precision": serve.precision, "history_window": serve.history_window}
-                        row |= {"recall@10": built[name]["recall@10"], "build_s": built[name]["build_s"]}
+                        row |= {key: built[name][key] for key in ("recall@10", "build_s", "saved_index_read")}
                         row["command"] = command
                         same = ("items", "index", "settings", "precision", "variant", "clients", "artifact")
                         records = [r for r in records if any(r.get(key) != row[key] for key in same)] + [row]
