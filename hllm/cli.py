@@ -177,6 +177,12 @@ def recommend(
         str | None, typer.Option("--index", help="Artifact index (default: serve.index).")
     ] = None,
     shard_users: Annotated[int, typer.Option("--shard-users", help="Users per Parquet shard.")] = 10_000,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="An artifact's serve.* setting, e.g. serve.hnsw_ef_search=512; repeatable."
+        ),
+    ] = None,
 ) -> None:
     """Top-k items for a user of the dataset or for a given history, with titles and scores; or, with
     --all-users/--users and --out, for many users in batch (one process per shard under torchrun)."""
@@ -187,7 +193,9 @@ def recommend(
             raise UserError(
                 "batch: give RUN_OR_ARTIFACT --out DIR and one of --all-users or --users FILE", "recommend"
             )
-        summary = recommend_all(run_dir, out, k=k, users_file=users, index=index, shard_users=shard_users)
+        summary = recommend_all(
+            run_dir, out, k=k, users_file=users, index=index, shard_users=shard_users, overrides=settings
+        )
         typer.echo(json.dumps(summary))
         return
     if server is not None:

@@ -11,7 +11,7 @@ import pytest
 from hllm.evaluate import item_table, recommend_items
 from hllm.runs import load_run
 from hllm.serving import batch
-from hllm.serving.batch import recommend_all
+from hllm.serving.batch import SETTINGS, recommend_all
 from hllm.serving.export import load_artifact
 from tests.support import assert_one_line_error, run_cli
 
@@ -100,9 +100,22 @@ def test_cli_from_an_artifact_with_a_users_file(tiny_artifact, tmp_path):
     (tmp_path / "users.txt").write_text("\n".join(wanted) + "\n\n", encoding="utf-8")
     out = tmp_path / "recs"
     code, stdout, err = run_cli(
-        "recommend", tiny_artifact, "--users", tmp_path / "users.txt", "--out", out, "-k", "2"
+        "recommend",
+        tiny_artifact,
+        "--users",
+        tmp_path / "users.txt",
+        "--out",
+        out,
+        "-k",
+        "2",
+        "--index",
+        "hnsw",
+        "--set",
+        "serve.hnsw_ef_search=77",
     )
     assert code == 0, err
+    settings = json.loads((out / SETTINGS).read_text())
+    assert settings["kind"] == "hnsw" and settings["hnsw_ef_search"] == 77
     assert json.loads(stdout.splitlines()[-1])["users"] == 3
     frame = read_all(out)
     assert frame["user_id"].tolist() == wanted
@@ -119,3 +132,7 @@ def test_bad_batch_requests_are_one_line(tiny_run, tmp_path):
     assert_one_line_error(code, err, "--out DIR")
     code, _, err = run_cli("recommend", tiny_run, "--all-users", "--out", tmp_path / "o", "--index", "hnsw")
     assert_one_line_error(code, err, "export it", "--index")
+    code, _, err = run_cli(
+        "recommend", tiny_run, "--all-users", "--out", tmp_path / "o", "--set", "serve.k=3"
+    )
+    assert_one_line_error(code, err, "artifact", "--set")

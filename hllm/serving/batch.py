@@ -50,10 +50,11 @@ class Source:
     describe: dict  # what the output depends on, checked on resume
 
 
-def open_source(path: Path, *, index: str | None = None) -> Source:
-    """A run folder or (with a manifest.json) an exported artifact, ready to score users."""
+def open_source(path: Path, *, index: str | None = None, overrides: list[str] | None = None) -> Source:
+    """A run folder or (with a manifest.json) an exported artifact, ready to score users; `overrides`
+    (serve.* settings, such as the HNSW search width) apply to an artifact only."""
     if (path / "manifest.json").is_file():
-        artifact = load_artifact(path)
+        artifact = load_artifact(path, overrides)
         settings = settings_of(artifact.config.serve, index)
         data = prepare_dataset(artifact.config.data)
         lookup = {raw: row for row, raw in enumerate(artifact.item_ids) if row}
@@ -71,6 +72,8 @@ def open_source(path: Path, *, index: str | None = None) -> Source:
         raise UserError(
             "a run folder is searched exactly; export it for an approximate index", where="--index"
         )
+    if overrides:
+        raise UserError("serve.* settings apply to an exported artifact, not a run folder", where="--set")
     from hllm.evaluate import item_table  # loads a run: only for run folders
     from hllm.runs import checkpoint_path, load_run
 
@@ -140,6 +143,7 @@ def recommend_all(
     users_file: Path | None = None,
     index: str | None = None,
     shard_users: int = 10_000,
+    overrides: list[str] | None = None,
     rank: int | None = None,
     world_size: int | None = None,
 ) -> dict:
@@ -148,7 +152,7 @@ def recommend_all(
         raise UserError("k and --shard-users must be at least 1", where="recommend")
     if rank is None or world_size is None:
         rank, world_size = process_rank()
-    source = open_source(Path(path), index=index)
+    source = open_source(Path(path), index=index, overrides=overrides)
     users = select_users(source.data, users_file)
     _check_settings(
         out, source.describe | {"k": k, "shard_users": shard_users, "users": hash_json(users.tolist())}
