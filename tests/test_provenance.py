@@ -64,3 +64,27 @@ def test_the_recipe_files_reproduce_every_committed_config(name):
         ours, theirs = flat(config_to_dict(config)), flat(record["config"])
         compared = {key for key in ours.keys() & theirs.keys() - PLACES if not key.startswith("serve.")}
         assert {key: ours[key] for key in compared} == {key: theirs[key] for key in compared}, record["model"]
+
+
+PRE_FIX_CACHE = "/work/main/.hllm_cache"  # where the protocol runs before the fix kept their cache
+
+
+@pytest.mark.parametrize("folder", ["new-items", "temporal"])
+@pytest.mark.parametrize("name", ["results.json", "tuning.json"])
+def test_protocol_records_hash_to_their_config_or_differ_only_by_the_cache_dir(folder, name):
+    """Protocol records written since the fix hash to their stored config. Those written before it
+    (BENCHMARKS.md says which) stored `data.cache_dir` relative while their card hashed it absolute:
+    made absolute, their config hashes to the card, so nothing else differs."""
+    records = load(f"{folder}/{name}")
+    assert records
+    for record in records:
+        config, card = record["config"], record["protocol"]["config_hash"]
+        if hash_json(config) == card:
+            continue
+        assert config["data"]["cache_dir"] == ".hllm_cache", (
+            record["dataset"],
+            record["model"],
+            record["seed"],
+        )
+        absolute = {**config, "data": {**config["data"], "cache_dir": PRE_FIX_CACHE}}
+        assert hash_json(absolute) == card, (record["dataset"], record["model"], record["seed"])
