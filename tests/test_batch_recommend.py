@@ -13,7 +13,7 @@ from hllm.runs import load_run
 from hllm.serving import batch
 from hllm.serving.batch import SETTINGS, recommend_all
 from hllm.serving.export import load_artifact
-from tests.support import assert_one_line_error, run_cli
+from tests.support import assert_one_line_error, copy_artifact, run_cli
 
 USERS = 36  # CYCLE_USERS
 SHARD = 10  # -> 4 shards, the last one short
@@ -95,6 +95,7 @@ def test_other_settings_are_refused_in_the_same_folder(tiny_run, tmp_path):
 
 
 def test_cli_from_an_artifact_with_a_users_file(tiny_artifact, tmp_path):
+    tiny_artifact = copy_artifact(tiny_artifact, tmp_path / "artifact")  # its HNSW index is saved beside it
     artifact = load_artifact(tiny_artifact, verify=False)
     wanted = artifact.users[:3]
     (tmp_path / "users.txt").write_text("\n".join(wanted) + "\n\n", encoding="utf-8")
