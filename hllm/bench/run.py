@@ -117,8 +117,8 @@ def run_bench(
 ) -> list[dict]:
     """Run every missing record under `protocol` (see PROTOCOLS), appending each to
     `out/results.json` as soon as it is done (under a lock: two runs over other datasets or models
-    may share `out`). `grid_size` tunes every model on the first settings
-    of its grid only (the same number for every family, so the budgets stay equal; 1 = the recipe)."""
+    may share `out`). `grid_size` tunes every model on the first settings of its grid only (the
+    same number for every family, so the budgets stay equal; 1 = the recipe)."""
     results_path = out / "results.json"
     records = json.loads(results_path.read_text()) if results_path.exists() else []
     done = {(r["dataset"], r["model"], r["seed"]) for r in records}

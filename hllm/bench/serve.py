@@ -237,9 +237,8 @@ def bench_serve(
             built, servers = {}, {}
             try:
                 for name, folder in folders.items():
-                    loaded = load_artifact(
-                        folder, list(overrides)
-                    )  # builds and saves the index the servers read
+                    # builds and saves the index the servers then read
+                    loaded = load_artifact(folder, list(overrides))
                     built[name] = index_artifact(loaded, kind) | {
                         "settings": settings_of(loaded.config.serve, kind)
                     }
