@@ -224,8 +224,9 @@ class EvalConfig:
 
 @dataclass
 class ServeConfig:
-    index: Literal["exact", "hnsw", "ivf"] = "exact"
-    """Nearest-item search: exact inner product, or approximate HNSW / IVF for large catalogues."""
+    index: Literal["exact", "hnsw", "ivf", "pq"] = "exact"
+    """Nearest-item search: exact inner product, or approximate HNSW / IVF / PQ for large catalogues
+    (PQ: every item scanned as 4-bit codes, the best candidates re-ranked exactly; builds in seconds)."""
     hnsw_m: int = positive(32)
     """HNSW links per node (more: better recall, more memory, slower build)."""
     hnsw_ef_construction: int = positive(128)
@@ -236,6 +237,11 @@ class ServeConfig:
     """IVF clusters; 0 = sqrt(items), capped at 65536."""
     ivf_probes: int = positive(32)
     """IVF clusters visited per query (more: better recall, slower; set per query, no rebuild)."""
+    pq_codes: int = at_least(0, 0)
+    """4-bit PQ codes per item (0 = one per two dimensions); must divide the embedding width."""
+    pq_rerank: int = positive(50)
+    """PQ candidates re-ranked on exact vectors per item asked for (more: better recall, slower; set
+    per query, no rebuild)."""
     host: str = "127.0.0.1"
     """Address `hllm serve` listens on."""
     port: int = in_range(8000, 1, 65535)

@@ -1,4 +1,5 @@
-"""`hllm bench serve`: two artifacts side by side, two variants each, through real servers."""
+"""`hllm bench serve`: two artifacts side by side, two variants each (one with its own index), through
+real servers."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ ITEMS = 40  # the tiny catalogue padded with synthetic items
 def test_two_artifacts_and_two_variants_in_one_run(tiny_artifact, tmp_path):
     other = copy_artifact(tiny_artifact, tmp_path / "other")
     report = tmp_path / "BENCH.md"
-    variants = [[], ["serve.precision=int8"]]
+    pq_int8 = ["serve.index=pq", "serve.pq_codes=4", "serve.precision=int8"]
+    variants = [[], pq_int8]
     records = bench_serve(
         [tiny_artifact, other],
         tmp_path / "out",
@@ -32,23 +34,25 @@ def test_two_artifacts_and_two_variants_in_one_run(tiny_artifact, tmp_path):
     )
     assert sorted((r["artifact"], r["variant"]) for r in records) == [
         ("other", ""),
-        ("other", "serve.precision=int8"),
+        ("other", " ".join(pq_int8)),
         ("tiny", ""),
-        ("tiny", "serve.precision=int8"),
+        ("tiny", " ".join(pq_int8)),
     ]
     for row in records:
         assert row["errors"] == 0 and row["requests"] > 0 and row["items"] == ITEMS
-        assert row["recall@10"] == 1.0 and row["saved_index_read"] is False  # exact search, never saved
+        assert row["recall@10"] == 1.0 and row["saved_index_read"] is False  # built by this run
         assert 0.0 <= row["overlap@10"] <= 1.0
         if row["variant"] == "":
             assert row["overlap@10"] == 1.0  # the first variant is the reference
-        else:
-            assert row["precision"] == "int8"
+            assert row["index"] == "exact" and row["precision"] == "fp32"
+        else:  # its own index: 4 codes per item, 50 x 10 candidates re-ranked (all 40 items)
+            assert row["index"] == "pq" and row["precision"] == "int8"
+            assert row["settings"] == {"pq_codes": 4, "pq_rerank": 50}
     embeddings = np.load(tmp_path / "out" / f"catalogue-{ITEMS}-other" / "embeddings.npy")
     assert len(embeddings) == ITEMS + 1  # row 0 is padding
     assert json.loads((tmp_path / "out" / "serve.json").read_text()) == json.loads(json.dumps(records))
     table = report.read_text()
-    assert "| other | exact" in table and "| tiny | exact" in table and "overlap@10" in table
+    assert "| other | exact" in table and "| tiny | pq codes=4 rerank=50" in table and "overlap@10" in table
 
 
 def test_artifacts_with_the_same_folder_name_are_refused(tiny_artifact, tmp_path):

@@ -1,4 +1,4 @@
-"""faiss indexes: exact equals brute force, HNSW/IVF reach the recall they promise, adds under searches."""
+"""faiss indexes: exact equals brute force, HNSW/IVF/PQ reach the recall they promise, adds under searches."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import hllm.serving.index
+from hllm.bench.serve import scale_artifact
 from hllm.errors import UserError
 from hllm.serving.export import load_artifact
 from hllm.serving.index import (
@@ -54,7 +55,7 @@ def test_exact_equals_numpy_brute_force(catalogue, exact_top):
     assert overlap_at_k(exact_top, truth) == pytest.approx(1.0, abs=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "pq"])
 def test_approximate_indexes_reach_recall_090(catalogue, exact_top, kind):
     vectors, queries = catalogue
     index = build_index(vectors, kind)
@@ -78,7 +79,28 @@ def test_too_many_ivf_lists_are_a_user_error(catalogue):
         build_index(vectors[:10], "ivf", ivf_lists=20)
 
 
-@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_pq_recall_grows_with_the_candidates_it_reranks(catalogue, exact_top):
+    vectors, queries = catalogue
+    index = build_index(vectors, "pq", pq_codes=8, pq_rerank=1)  # 8 codes of 4 bits: a coarse ranking
+    coarse = overlap_at_k(index.search(queries, K)[1], exact_top)
+    index.k_factor = 50
+    scores, found = index.search(queries, K)
+    assert coarse < 0.9 <= overlap_at_k(found, exact_top)
+    exact_scores = np.take_along_axis(queries @ vectors.T, found, axis=1)
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)  # re-ranked on the exact vectors
+
+
+@pytest.mark.parametrize(
+    ("rows", "codes", "where"),
+    [(100, 5, "serve.pq_codes"), (10, 0, "serve.index")],  # 5 does not divide 32; 10 items < 16 centroids
+)
+def test_pq_settings_it_cannot_build_are_user_errors(catalogue, rows, codes, where):
+    vectors, _ = catalogue
+    with pytest.raises(UserError, match=where):
+        build_index(vectors[:rows], "pq", pq_codes=codes)
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw", "pq"])
 def test_added_vector_is_found_and_size_grows(catalogue, kind):
     vectors, _ = catalogue
     index = ItemIndex(build_index(vectors, kind))
@@ -169,3 +191,15 @@ def test_index_artifact_reports_recall_and_saves_an_index_open_index_reuses(
     # Other settings define another index: it is rebuilt (and saved over the old one).
     rebuilt = open_index(artifact, {**settings, "hnsw_m": 8})
     assert rebuilt.ntotal == 12
+
+
+def test_a_saved_pq_index_takes_its_rerank_depth_from_the_settings(tiny_artifact, tmp_path, monkeypatch):
+    padded = scale_artifact(tiny_artifact, tmp_path / "a", 200)  # 16 items at least train 4-bit codes
+    artifact = load_artifact(padded, ["serve.pq_codes=4"])
+    settings = settings_of(artifact.config.serve, "pq")
+    report = index_artifact(artifact, "pq")
+    assert report["recall@10"] == 1.0 and report["saved_index_read"] is False  # 10 x 50 candidates: all
+    with monkeypatch.context() as patch:
+        patch.setattr(hllm.serving.index, "build_index", lambda *a, **k: pytest.fail("rebuilt"))
+        deeper = open_index(artifact, {**settings, "pq_rerank": 7})
+    assert deeper.k_factor == 7 and deeper.ntotal == 200

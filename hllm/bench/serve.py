@@ -1,6 +1,7 @@
 """`hllm bench serve`: the real server on 127.0.0.1, driven over HTTP at several concurrency levels.
 
-Per catalogue size (real items + synthetic ones) and index kind: p50/p95/p99 and throughput of
+Per catalogue size (real items + synthetic ones) and index kind (or variant: a variant may choose its
+own index and settings): p50/p95/p99 and throughput of
 POST /recommend for the artifact's real held-out histories -> the "Serving" section of BENCHMARKS.md.
 """
 
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -22,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from hllm.bench.report import write_markdown_section
-from hllm.config import load_config
+from hllm.config import ServeConfig, load_config
 from hllm.errors import UserError
 from hllm.files import write_json
 from hllm.serving.export import load_artifact, read_manifest, write_catalogue, write_manifest
@@ -217,10 +219,11 @@ def bench_serve(
     out/serve.json (a rerun with the same settings replaces its rows) and to the `report` section.
 
     `overrides` are serve.* settings for the recall check and every server; each variant adds its
-    own and gets its own server per artifact, all up at once and driven in turn (`rounds` times per
-    level), each artifact with its own held-out histories. With several variants, each one's top-10
-    is compared with the first variant's of the same artifact over `agreement` held-out histories
-    (overlap@10: does int8 or a shorter window rank like fp32?).
+    own (an index of its own too: `serve.index=pq`) and gets its own server per artifact, all up at
+    once and driven in turn (`rounds` times per level), each artifact with its own held-out
+    histories. With several variants, each one's top-10 is compared with the first variant's of the
+    same artifact over `agreement` held-out histories (overlap@10: does int8 or a shorter window
+    rank like fp32?).
     """
     names = [Path(a).name for a in artifacts]
     if len(set(names)) < len(names):
@@ -234,14 +237,10 @@ def bench_serve(
             for name, a in zip(names, artifacts)
         }
         for kind in kinds:
-            built, servers = {}, {}
+            setups, servers = {}, {}
             try:
                 for name, folder in folders.items():
-                    # builds and saves the index the servers then read
-                    loaded = load_artifact(folder, list(overrides))
-                    built[name] = index_artifact(loaded, kind) | {
-                        "settings": settings_of(loaded.config.serve, kind)
-                    }
+                    setups |= index_variants(folder, name, kind, list(overrides), variants)
                     for variant in variants:
                         servers[name, " ".join(variant)] = launch_server(
                             folder, kind, overrides=[*overrides, *variant]
@@ -253,14 +252,12 @@ def bench_serve(
                     targets = {key: (url, histories[key[0]]) for key, (_, url) in servers.items()}
                     results = compare(targets, clients=level, seconds=seconds, rounds=rounds)
                     for (name, variant), result in results.items():
-                        serve = load_config(
-                            folders[name] / "config.yaml", [*overrides, *variant.split()]
-                        ).serve
-                        settings = {k: v for k, v in built[name]["settings"].items() if k != "kind"}
-                        row = {"items": size, "index": kind, "settings": settings, "artifact": name}
+                        serve, built = setups[name, variant]
+                        settings = {k: v for k, v in settings_of(serve).items() if k != "kind"}
+                        row = {"items": size, "index": serve.index, "settings": settings, "artifact": name}
                         row |= {"variant": variant, **result, "overlap@10": overlaps.get((name, variant))}
                         row |= {"precision": serve.precision, "history_window": serve.history_window}
-                        row |= {key: built[name][key] for key in ("recall@10", "build_s", "saved_index_read")}
+                        row |= {key: built[key] for key in ("recall@10", "build_s", "saved_index_read")}
                         row["command"] = command
                         same = ("items", "index", "settings", "precision", "variant", "clients", "artifact")
                         records = [r for r in records if any(r.get(key) != row[key] for key in same)] + [row]
@@ -272,6 +269,24 @@ def bench_serve(
     if report is not None:
         write_markdown_section(report, HEADING, serving_section(records))
     return records
+
+
+def index_variants(
+    folder: Path, name: str, kind: str, overrides: list[str], variants: list[list[str]]
+) -> dict[tuple[str, str], tuple[ServeConfig, dict]]:
+    """Each variant's serve settings and its index's build report (recall@10 against exact search):
+    a variant may choose its own index (`serve.index=pq`) or build settings; each distinct index is
+    built and saved once, for its servers to read."""
+    loaded = load_artifact(folder, overrides)
+    reports, setups = {}, {}
+    for variant in variants:
+        serve = load_config(folder / "config.yaml", [*overrides, f"serve.index={kind}", *variant]).serve
+        key = json.dumps(settings_of(serve), sort_keys=True)
+        if key not in reports:
+            configured = replace(loaded, config=replace(loaded.config, serve=serve))
+            reports[key] = index_artifact(configured, serve.index)
+        setups[name, " ".join(variant)] = serve, reports[key]
+    return setups
 
 
 def agreement_of(
@@ -295,7 +310,7 @@ def serving_section(records: list[dict]) -> str:
         "| errors | overlap@10 |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    order = {"exact": 0, "hnsw": 1, "ivf": 2}
+    order = {"exact": 0, "hnsw": 1, "ivf": 2, "pq": 3}
 
     def place(r: dict) -> tuple:
         settings = str(r.get("settings")), r.get("precision", "fp32"), r.get("variant", "")

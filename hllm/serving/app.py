@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -19,6 +20,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from hllm.errors import UserError
 from hllm.files import atomic_write
@@ -254,12 +256,14 @@ def create_app(artifact: Artifact) -> FastAPI:
     batcher = Batcher(answer, max_batch=serve.max_batch)
 
     @app.post("/recommend")
-    def recommend(request: RecommendRequest) -> dict:
+    async def recommend(request: RecommendRequest) -> dict:
         """Top-k items for a history of known ids (`history`) or of unknown items' fields (`history_text`).
 
         Unknown ids are skipped and listed in `unknown` (404 when none is known); a history longer than
         the model reads is cut to its most recent items (`truncated` counts the dropped ones).
         """
+        # Async: a request of known ids costs the event loop a dict lookup and a gather, and then
+        # awaits the micro-batch without holding a worker thread; text encoding goes to a thread.
         if (request.history is None) == (request.history_text is None):
             raise HTTPException(422, "give exactly one of history (item ids) or history_text (item fields)")
         if request.k > min(catalogue.size, serve.max_k):
@@ -271,9 +275,9 @@ def create_app(artifact: Artifact) -> FastAPI:
         else:
             used = len(request.history_text)
             texts = [_item_text(artifact, fields) for fields in request.history_text[-max_history:]]
-            vectors = encode_texts(artifact, texts)
+            vectors = await run_in_threadpool(encode_texts, artifact, texts)
         excluded = set(rows) if request.exclude_history else set()
-        scores, found = batcher((vectors, request.k + len(excluded)))
+        scores, found = await asyncio.wrap_future(batcher.submit((vectors, request.k + len(excluded))))
         items = [
             {"id": catalogue.ids[r], "title": catalogue.titles[r], "score": float(s)}
             for s, r in zip(scores, found)

@@ -11,39 +11,32 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import Future
 from typing import Generic, TypeVar
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
 
 
-@dataclass
-class _Pending(Generic[Job, Result]):
-    job: Job
-    done: threading.Event = field(default_factory=threading.Event)
-    result: Result | None = None
-    error: BaseException | None = None
-
-
 class Batcher(Generic[Job, Result]):
-    """`batcher(job)` blocks until `run([job, ...])` has answered it, batched with whatever else waits."""
+    """`batcher(job)` blocks until `run([job, ...])` has answered it, batched with whatever else waits;
+    `batcher.submit(job)` returns its future instead (an async caller awaits it without a thread)."""
 
     def __init__(self, run: Callable[[list[Job]], list[Result]], *, max_batch: int = 64) -> None:
         self._run = run
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Job, Future]] = queue.SimpleQueue()
         self.batches = 0  # passes run so far (for /metrics)
         self.jobs = 0
         threading.Thread(target=self._serve, name="hllm-batcher", daemon=True).start()
 
     def __call__(self, job: Job) -> Result:
-        pending = _Pending(job)
-        self._queue.put(pending)
-        pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        return pending.result
+        return self.submit(job).result()
+
+    def submit(self, job: Job) -> Future:
+        future: Future = Future()
+        self._queue.put((job, future))
+        return future
 
     def _serve(self) -> None:
         while True:
@@ -53,13 +46,12 @@ class Batcher(Generic[Job, Result]):
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                results = self._run([pending.job for pending in batch])
-                for pending, result in zip(batch, results, strict=True):
-                    pending.result = result
-            except Exception as err:  # every caller of the failed batch gets the error, the worker lives on
-                for pending in batch:
-                    pending.error = err
             self.batches, self.jobs = self.batches + 1, self.jobs + len(batch)
-            for pending in batch:
-                pending.done.set()
+            try:
+                answered = list(zip(batch, self._run([job for job, _ in batch]), strict=True))
+            except Exception as err:  # every caller of the failed batch gets the error, the worker lives on
+                for _, future in batch:
+                    future.set_exception(err)
+                continue
+            for (_, future), result in answered:
+                future.set_result(result)

@@ -1,7 +1,8 @@
 """Nearest-item search with faiss over L2-normalised item embeddings (inner product = cosine).
 
-Exact (flat) by default; HNSW or IVF for large catalogues. Catalogue row r is faiss label r - 1
-(row 0 = PAD is never indexed). Dims: B queries, N rows, D width.
+Exact (flat) by default; for large catalogues HNSW, IVF, or PQ (every item scanned as 4-bit product
+quantisation codes with SIMD lookups, the best candidates then re-ranked on their exact vectors).
+Catalogue row r is faiss label r - 1 (row 0 = PAD is never indexed). Dims: B queries, N rows, D width.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from hllm.files import atomic_write, write_json
 from hllm.serving.export import Artifact, encode_histories
 
 OVERLAP_K = 10
-QUERY_TIME = {"hnsw_ef_search": "efSearch", "ivf_probes": "nprobe"}  # setting -> faiss parameter
+# setting -> faiss parameter, set at query time (no rebuild)
+QUERY_TIME = {"hnsw_ef_search": "efSearch", "ivf_probes": "nprobe", "pq_rerank": "k_factor_rf"}
+PQ_CENTROIDS = 16  # 4-bit codes
 
 
 def build_index(
@@ -35,6 +38,8 @@ def build_index(
     hnsw_ef_search: int = 128,
     ivf_lists: int = 0,
     ivf_probes: int = 32,
+    pq_codes: int = 0,
+    pq_rerank: int = 50,
 ) -> faiss.Index:
     """An inner-product index over `vectors` (N, D) float32; label i is row i of `vectors`."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -57,7 +62,25 @@ def build_index(
             index.cp.max_points_per_centroid = 64  # k-means on a sample: minutes -> seconds at 1M items
             index.train(vectors)
             index.nprobe = ivf_probes
+        case "pq":
+            index = _pq_index(vectors, pq_codes or width // 2)
+            index.k_factor = pq_rerank
     index.add(vectors)
+    return index
+
+
+def _pq_index(vectors: np.ndarray, codes: int) -> faiss.Index:
+    """A trained, empty index: 4-bit PQ fast-scan codes, re-ranked on the exact vectors it also keeps."""
+    width = vectors.shape[1]
+    if width % codes:
+        raise UserError(f"{codes} PQ codes do not divide the embedding width {width}", where="serve.pq_codes")
+    if len(vectors) < PQ_CENTROIDS:
+        raise UserError(
+            f"a PQ index needs at least {PQ_CENTROIDS} items to train its codes, got {len(vectors)}",
+            where="serve.index",
+        )
+    index = faiss.index_factory(width, f"PQ{codes}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
     return index
 
 
@@ -72,6 +95,7 @@ def settings_of(serve: ServeConfig, kind: str | None = None) -> dict:
             "hnsw_ef_search": serve.hnsw_ef_search,
         },
         "ivf": {"ivf_lists": serve.ivf_lists, "ivf_probes": serve.ivf_probes},
+        "pq": {"pq_codes": serve.pq_codes, "pq_rerank": serve.pq_rerank},
     }
     return {"kind": kind, **params[kind]}
 
