@@ -19,6 +19,7 @@ from hllm.serving.index import (
     index_path,
     open_index,
     overlap_at_k,
+    search,
     settings_of,
 )
 from tests.support import copy_artifact
@@ -88,6 +89,19 @@ def test_pq_recall_grows_with_the_candidates_it_reranks(catalogue, exact_top):
     assert coarse < 0.9 <= overlap_at_k(found, exact_top)
     exact_scores = np.take_along_axis(queries @ vectors.T, found, axis=1)
     np.testing.assert_allclose(scores, exact_scores, atol=1e-5)  # re-ranked on the exact vectors
+
+
+def test_a_search_that_keeps_few_rows_reranks_for_those(catalogue, exact_top):
+    """Asking 60 to keep 10 (a history of 50 filtered out) re-ranks 20 x 10 + 50 candidates, not 20 x 60."""
+    vectors, queries = catalogue
+    index = build_index(vectors, "pq", pq_codes=8, pq_rerank=20)
+    truth_60 = build_index(vectors, "exact").search(queries, 60)[1]
+    deep, kept = search(index, queries, 60)[1], search(index, queries, 60, kept=10)[1]
+    assert overlap_at_k(kept[:, :10], exact_top) >= 0.9  # the kept ten are found as well
+    assert overlap_at_k(kept, truth_60) < overlap_at_k(deep, truth_60)  # the rest got fewer candidates
+    assert index.k_factor == 20  # per call: the shared index is unchanged
+    hnsw = build_index(vectors, "hnsw")
+    np.testing.assert_array_equal(search(hnsw, queries, 60, kept=10)[1], search(hnsw, queries, 60)[1])
 
 
 @pytest.mark.parametrize(

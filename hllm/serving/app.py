@@ -246,17 +246,19 @@ def create_app(artifact: Artifact) -> FastAPI:
     write_key = read_write_key(serve.write_key_env)
     needs_key = [Depends(write_guard(write_key))]
 
-    def answer(jobs: list[tuple[np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """One User LLM pass and one index search for every waiting (history vectors (L, D), k)."""
+    def answer(jobs: list[tuple[np.ndarray, int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One User LLM pass and one index search for every waiting (history vectors (L, D), k, items
+        to filter out): k + filtered rows each, best first."""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=serve.precision == "bf16"):
-            queries = encode_histories(artifact, [vectors for vectors, _ in jobs])  # (B, D)
-        scores, found = catalogue.index.search(queries, max(k for _, k in jobs))  # (B, k_max) each
-        return [(scores[i, :k], found[i, :k]) for i, (_, k) in enumerate(jobs)]
+            queries = encode_histories(artifact, [vectors for vectors, _, _ in jobs])  # (B, D)
+        depth = max(k + filtered for _, k, filtered in jobs)
+        scores, found = catalogue.index.search(queries, depth, kept=max(k for _, k, _ in jobs))  # (B, depth)
+        return [(scores[i, : k + f], found[i, : k + f]) for i, (_, k, f) in enumerate(jobs)]
 
     batcher = Batcher(answer, max_batch=serve.max_batch)
 
     @app.post("/recommend")
-    async def recommend(request: RecommendRequest) -> dict:
+    async def recommend(request: RecommendRequest) -> JSONResponse:
         """Top-k items for a history of known ids (`history`) or of unknown items' fields (`history_text`).
 
         Unknown ids are skipped and listed in `unknown` (404 when none is known); a history longer than
@@ -277,13 +279,14 @@ def create_app(artifact: Artifact) -> FastAPI:
             texts = [_item_text(artifact, fields) for fields in request.history_text[-max_history:]]
             vectors = await run_in_threadpool(encode_texts, artifact, texts)
         excluded = set(rows) if request.exclude_history else set()
-        scores, found = await asyncio.wrap_future(batcher.submit((vectors, request.k + len(excluded))))
+        scores, found = await asyncio.wrap_future(batcher.submit((vectors, request.k, len(excluded))))
         items = [
             {"id": catalogue.ids[r], "title": catalogue.titles[r], "score": float(s)}
             for s, r in zip(scores, found)
             if r > 0 and r not in excluded
         ][: request.k]
-        return {"items": items, "unknown": unknown, "truncated": max(0, used - max_history)}
+        # A ready response: FastAPI would otherwise walk the answer through jsonable_encoder first.
+        return JSONResponse({"items": items, "unknown": unknown, "truncated": max(0, used - max_history)})
 
     @app.post("/items", status_code=201, dependencies=needs_key)
     def add_item(item: NewItem) -> dict:

@@ -30,7 +30,7 @@ from hllm.data.dataset import SequenceData, prepare_dataset
 from hllm.errors import UserError
 from hllm.files import atomic_write, hash_file, hash_json, write_json
 from hllm.serving.export import load_artifact
-from hllm.serving.index import build_index, open_index, settings_of
+from hllm.serving.index import build_index, open_index, search, settings_of
 
 SETTINGS = "settings.json"
 BATCH_USERS = 256  # users per model pass
@@ -120,7 +120,7 @@ def score_users(source: Source, users: np.ndarray, k: int) -> pd.DataFrame:
         history[b, longest - len(window) :] = torch.from_numpy(window)
     queries = source.model.encode_users(history, source.table).float().numpy()  # (B, D)
     depth = min(k + max(len(rows) for rows in seen), source.index.ntotal)
-    scores, labels = source.index.search(np.ascontiguousarray(queries), depth)  # (B, K) each
+    scores, labels = search(source.index, queries, depth, kept=min(k, depth))  # (B, depth) each
     item_ids, item_scores = [], []
     for rows, found, score in zip(seen, labels + 1, scores):
         keep = (found > 0) & ~np.isin(found, rows)

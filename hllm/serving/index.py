@@ -156,16 +156,30 @@ class ItemIndex:
         """Indexed rows (PAD excluded)."""
         return self._index.ntotal
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores (B, k) and catalogue rows (B, k), best first; row -1 where fewer than k were found."""
+    def search(self, queries: np.ndarray, k: int, *, kept: int | None = None) -> tuple[np.ndarray, ...]:
+        """Scores (B, k) and catalogue rows (B, k), best first; row -1 where fewer than k were found.
+        `kept`: see `search`."""
         with self._lock.reading():
-            scores, labels = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+            scores, labels = search(self._index, queries, k, kept=kept)
         return scores, np.where(labels >= 0, labels + 1, -1)
 
     def add(self, vectors: np.ndarray) -> None:
         """Append rows (n, D) after the current last row."""
         with self._add_lock, self._lock.writing():
             self._index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, *, kept: int | None = None) -> tuple:
+    """`index.search` of queries (B, D) for k labels, of which the caller keeps `kept` and filters out
+    the rest (a user's own items). A re-ranking index (pq) then re-ranks serve.pq_rerank candidates
+    per kept label plus one per filtered one, not pq_rerank per label: at k = 10 + a 50-item history,
+    550 candidates instead of 3,000, at the same recall of the kept ten."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if kept is None or not isinstance(index, faiss.IndexRefine):
+        return index.search(queries, k)
+    params = faiss.IndexRefineSearchParameters()
+    params.k_factor = (index.k_factor * kept + k - kept) / k
+    return index.search(queries, k, params=params)
 
 
 def index_path(artifact: Artifact, kind: str) -> Path:
