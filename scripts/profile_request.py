@@ -5,7 +5,7 @@
 CATALOGUE is an artifact, e.g. one `hllm bench serve` scaled to 1M items (its saved indexes are read,
 missing ones built). One micro-batch of 8 of its held-out histories goes through each phase the server
 runs: validating the request bodies, resolving ids and gathering vectors, the User LLM pass (fp32 and
-int8), each index's search, and writing the answers. Each phase runs `--repeats` times, interleaved
+int8) and each index's search. Each phase runs `--repeats` times, interleaved
 so that every phase sees the same background load; the medians are printed as a Markdown table.
 """
 
@@ -22,6 +22,7 @@ from dataclasses import replace
 import faiss
 import torch
 
+from hllm.bench.serve import settings_text
 from hllm.config import load_config
 from hllm.serving.app import Catalogue, RecommendRequest, _int8_user_llm, _resolve
 from hllm.serving.export import encode_histories, load_artifact
@@ -43,15 +44,18 @@ def main() -> None:
     bodies = [json.dumps({"history": h, "k": 10}) for h in artifact.histories[:BATCH]]
     catalogue = Catalogue(artifact, ItemIndex(open_index(artifact, {"kind": "exact"}, save=False)))
     window = artifact.config.data.max_history
-    vectors = [catalogue.vectors(_resolve(catalogue, h)[0][-window:]) for h in artifact.histories[:BATCH]]
+
+    def gather() -> list:
+        """Each history's item vectors (L, D), cut to the window, as the server reads them."""
+        return [catalogue.vectors(_resolve(catalogue, h)[0][-window:]) for h in artifact.histories[:BATCH]]
+
+    vectors = gather()
     int8 = replace(artifact, model=copy.deepcopy(artifact.model))  # the fp32 model is kept beside it
     _int8_user_llm(int8.model)
     queries = encode_histories(artifact, vectors)
     phases: dict[str, Callable[[], object]] = {
         f"parse + validate {BATCH} bodies": lambda: [RecommendRequest.model_validate_json(b) for b in bodies],
-        "resolve ids + gather vectors": lambda: [
-            catalogue.vectors(_resolve(catalogue, h)[0][-window:]) for h in artifact.histories[:BATCH]
-        ],
+        "resolve ids + gather vectors": gather,
         f"User LLM fp32, B={BATCH}": lambda: encode_histories(artifact, vectors),
         f"User LLM int8, B={BATCH}": lambda: encode_histories(int8, vectors),
     }
@@ -59,9 +63,8 @@ def main() -> None:
         serve = load_config(artifact.folder / "config.yaml", [*args.overrides, f"serve.index={kind}"]).serve
         settings = settings_of(serve)
         index = open_index(artifact, settings)
-        knobs = {key.split("_", 1)[1]: value for key, value in settings.items() if key != "kind"}
-        described = " ".join(f"{key}={value}" for key, value in knobs.items())
-        phase = f"{kind} search {described}, B={BATCH}, k=60 (10 kept)"  # 10 + a 50-item history, as served
+        # k = 10 + a 50-item history filtered out, as served
+        phase = f"{kind} search {settings_text(settings)}, B={BATCH}, k=60 (10 kept)"
         phases[phase] = lambda index=index: search(index, queries, 60, kept=10)
     times: dict[str, list[float]] = {name: [] for name in phases}
     for _ in range(args.repeats):

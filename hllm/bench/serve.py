@@ -308,6 +308,11 @@ def agreement_of(
     return {(name, v): overlap_at_10(tops[name, firsts[name]], top) for (name, v), top in tops.items()}
 
 
+def settings_text(settings: dict) -> str:
+    """An index's build and query settings, short: `m=32 ef_construction=128` (the kind left out)."""
+    return " ".join(f"{key.split('_', 1)[1]}={value}" for key, value in settings.items() if key != "kind")
+
+
 def serving_section(records: list[dict]) -> str:
     """The Markdown table of serving benchmarks, with the commands and machine that produced them."""
     rows = [
@@ -322,7 +327,7 @@ def serving_section(records: list[dict]) -> str:
         return r["items"], r.get("artifact", ""), order[r["index"]], *settings, r["clients"]
 
     for r in sorted(records, key=place):
-        index = r["index"] + "".join(f" {k.split('_', 1)[1]}={v}" for k, v in r.get("settings", {}).items())
+        index = " ".join(filter(None, [r["index"], settings_text(r.get("settings", {}))]))
         index += " bf16" if r.get("precision") == "bf16" else ""
         index += f" ({r['variant']})" if r.get("variant") else ""
         overlap = "" if r.get("overlap@10") is None else f"{r['overlap@10']:.3f}"
