@@ -106,6 +106,20 @@ def test_sampled_negatives_are_uniform_and_never_pad_or_the_target():
     assert torch.allclose(counts[[1, 2, 4, 5]].float() / len(drawn), torch.full((4,), 0.25), atol=0.02)
 
 
+def test_sampled_negatives_skip_the_new_items():
+    torch.manual_seed(0)
+    targets = torch.tensor([1, 4, 6] * 7_000)
+    new = torch.zeros(8, dtype=torch.bool)
+    new[[2, 5]] = True  # the protocol's new items: never a negative
+    drawn = sample_negatives(targets, 8, excluded=new)
+    assert not (drawn == targets).any()
+    counts = torch.bincount(drawn, minlength=8)
+    assert counts[[0, 2, 5]].sum() == 0
+    # allowed: 1, 3, 4, 6, 7; each target leaves the other four, each drawn in 1/4 of its rows
+    expected = torch.tensor([2, 3, 2, 2, 3]) / 12  # items 3 and 7 are never a target here
+    assert torch.allclose(counts[[1, 3, 4, 6, 7]].float() / len(drawn), expected, atol=0.01)
+
+
 def test_timestamps_reach_train_and_eval_batches_and_survive_the_cache(cycle_sequences, cycle_data):
     # cycle users interact at times 0..5, one item per step: the training part is times 0..3
     batch = TrainBatches(cycle_sequences, max_history=5, batch_size=8, num_negatives=2, seed=0)[0]

@@ -78,7 +78,7 @@ class IdRecommender(nn.Module):
         with torch.no_grad():
             self.item_embedding.weight[PAD_ID].zero_()
         self.dropout = nn.Dropout(dropout)
-        # (N,) bool: items the full softmax never uses as negatives (the protocol's new items).
+        # (N,) bool: items no loss draws as negatives, full softmax or bce (the protocol's new items).
         self.register_buffer("held_out_items", None, persistent=False)
         self.encoder = encoder
         self.max_length = max_length
@@ -141,7 +141,9 @@ class IdRecommender(nn.Module):
         match self.loss:
             case "bce":
                 return binary_cross_entropy(
-                    user, embed(targets), embed(sample_negatives(targets, len(embed.weight)))
+                    user,
+                    embed(targets),
+                    embed(sample_negatives(targets, len(embed.weight), excluded=self.held_out_items)),
                 )
             case "sampled":
                 return info_nce(
@@ -163,7 +165,14 @@ class IdRecommender(nn.Module):
                 )
 
 
-def sample_negatives(targets: Tensor, num_items: int) -> Tensor:
-    """(n,) one id per target, uniform over the real items other than the target (never PAD)."""
-    drawn = torch.randint(1, num_items - 1, targets.shape, device=targets.device)  # (n,) in 1..N-2
-    return drawn + (drawn >= targets).long()  # skip the target: uniform over {1..N-1} minus it
+def sample_negatives(targets: Tensor, num_items: int, *, excluded: Tensor | None = None) -> Tensor:
+    """(n,) one id per target, uniform over the real items other than the target (never PAD) and
+    other than `excluded` ((N,) bool: the protocol's new items, which training never sees)."""
+    allowed = torch.ones(num_items, dtype=torch.bool, device=targets.device)
+    allowed[PAD_ID] = False
+    if excluded is not None:
+        allowed &= ~excluded.to(targets.device)
+    pool = allowed.nonzero().squeeze(-1)  # (P,) sorted ids; every target is among them
+    drawn = torch.randint(0, len(pool) - 1, targets.shape, device=targets.device)  # (n,) in 0..P-2
+    skip = (drawn >= torch.searchsorted(pool, targets)).long()  # step over the target's own index
+    return pool[drawn + skip]
