@@ -95,7 +95,10 @@ def train_epoch(
         waited += time.perf_counter() - asked
         stepping = (index + 1) % accumulate == 0 or index + 1 == len(batches)
         with fabric.no_backward_sync(model, enabled=not stepping):
-            loss = model.training_loss(batch)
+            # On one device Fabric calls training_loss directly, outside the precision context its
+            # forward applies: without fabric.autocast, bf16-mixed would silently train in fp32.
+            with fabric.autocast():
+                loss = model.training_loss(batch)
             if not torch.isfinite(loss):
                 raise UserError(
                     f"loss is {loss.item()} at step {state.step}; lower train.lr or use precision 32-true",

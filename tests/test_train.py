@@ -16,6 +16,7 @@ from hllm.epoch import LOSS_WINDOW, GuardRails, TrainState
 from hllm.errors import UserError
 from hllm.evaluate import evaluate
 from hllm.models.build import build_model, cache_frozen_items
+from hllm.models.hllm import HLLM
 from hllm.runs import load_run
 from hllm.train import fit, launch_fabric, make_batches, make_fabric, record_validation
 from hllm.training_log import make_logger
@@ -268,12 +269,22 @@ def test_lora_trains_adapters_and_leaves_the_item_llm_untouched(cycle_data, tmp_
     ],
     ids=["accumulate+checkpointing", "bf16-mixed+decoder-items"],
 )
-def test_training_options_run_and_count_optimizer_steps(cycle_data, tmp_path, extra):
+def test_training_options_run_and_count_optimizer_steps(cycle_data, tmp_path, extra, monkeypatch):
+    real, autocast = HLLM.training_loss, []
+
+    def spy(self, batch):
+        autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return real(self, batch)
+
+    monkeypatch.setattr(HLLM, "training_loss", spy)
     config = load_config(None, tiny_overrides(cycle_data, tmp_path, train__epochs=1, **extra))
     result = fit(config)
     steps_per_epoch = -(-4 // config.train.accumulate)  # 36 windows / batch 8 -> 4 batches
     assert result["train"]["steps"] == steps_per_epoch
     assert all(value == value for value in result["test"].values())  # no NaN metrics
+    # bf16-mixed on one device: every training step under bf16 autocast; 32-true: none
+    expected = torch.bfloat16 if config.train.precision == "bf16-mixed" else False
+    assert len(autocast) == 4 and all(value == expected for value in autocast)
 
 
 class PrintingFabric:

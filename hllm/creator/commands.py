@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hllm.cli_options import choice
 from hllm.config import load_config
 from hllm.errors import UserError
 
@@ -283,6 +284,13 @@ def demo_command(
     ),
     limit: Annotated[int, typer.Option("--limit", help="amazon-scientific users given titles.")] = 400,
     show: Annotated[int, typer.Option("--show", help="Held-out users printed side by side.")] = 5,
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="Creator training: 32-true or bf16-mixed (half the step time on CPUs with avx512_bf16).",
+        ),
+    ] = "32-true",
 ) -> None:
     """The whole Creator path on amazon-scientific: build data, train, cluster, generate, evaluate."""
     import pandas as pd
@@ -290,7 +298,8 @@ def demo_command(
     from hllm.creator.demo import run_creator_demo
 
     console = Console()
-    result = run_creator_demo(out, limit=limit, console=console)
+    precision = choice(precision, "--precision", ("32-true", "bf16-mixed"))
+    result = run_creator_demo(out, limit=limit, console=console, precision=precision)
     console.print(evaluation_table(result))
     examples = pd.read_parquet(out / "eval" / "generated.parquet").head(show)
     table = Table(title="held-out users: the same item, titled with their embedding and a random user's")

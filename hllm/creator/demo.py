@@ -15,7 +15,7 @@ from rich.console import Console
 
 from hllm.bench.recipes import recipe_path
 from hllm.bench.run import dataset_overrides
-from hllm.config import load_config
+from hllm.config import RunConfig, load_config
 from hllm.creator.data.stages import claim_folder
 from hllm.creator.data.teacher import build_data
 from hllm.creator.evaluate import evaluate_creator
@@ -30,16 +30,11 @@ HLLM_EPOCHS = 2  # measured ~1 minute each on 2 cores; the bench's best epoch is
 INFER_ITEMS = 8  # cluster titles for a few held-out items: the evaluation judges the rest
 
 
-def run_creator_demo(out: str | Path = "runs/creator-demo", *, limit: int, console: Console) -> dict:
-    out, timings = Path(out), {}
+def demo_configs(out: Path, *, limit: int, precision: str = "32-true") -> tuple[RunConfig, RunConfig]:
+    """The demo's HLLM run config and its Creator config, both writing under `out`.
 
-    def timed(name: str, step):
-        started = time.perf_counter()
-        console.rule(f"[bold]{name}")
-        value = step()
-        timings[name] = round(time.perf_counter() - started, 1)
-        return value
-
+    `precision` is the Creator training's (train.precision): bf16-mixed halves a step on a CPU with
+    avx512_bf16 (BENCHMARKS.md) and is slower where bf16 is emulated."""
     hllm_config = load_config(
         recipe_path("hllm-minilm-frozen"),
         [
@@ -57,8 +52,25 @@ def run_creator_demo(out: str | Path = "runs/creator-demo", *, limit: int, conso
             f"creator.data.limit={limit}",
             f"creator.model.hllm_run={out / 'hllm'}",
             f"creator.train.rows={out / 'data' / 'rows.parquet'}",
+            f"train.precision={precision}",
         ],
     )
+    return hllm_config, creator_config
+
+
+def run_creator_demo(
+    out: str | Path = "runs/creator-demo", *, limit: int, console: Console, precision: str = "32-true"
+) -> dict:
+    out, timings = Path(out), {}
+
+    def timed(name: str, step):
+        started = time.perf_counter()
+        console.rule(f"[bold]{name}")
+        value = step()
+        timings[name] = round(time.perf_counter() - started, 1)
+        return value
+
+    hllm_config, creator_config = demo_configs(out, limit=limit, precision=precision)
     creator = creator_config.creator
     report = timed(
         "build-data", lambda: build_data(hllm_config.data, creator.data, creator.teacher, out / "data")
