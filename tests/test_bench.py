@@ -172,9 +172,12 @@ def test_report_tables_and_plots_recall_per_target_bucket(tmp_path):
             "config": {"model": {"kind": "hllm"}},
         }
 
-    records = [record("a", 0, 0.2, 0.1), record("a", 1, 0.4, 0.1), record("b", 0, 0.0, 0.3)]
+    older = record("older", 0, 0.0, 0.0)  # written before the evaluator had buckets
+    older["test"] = {key: value for key, value in older["test"].items() if "/" not in key}
+    records = [older, record("a", 0, 0.2, 0.1), record("a", 1, 0.4, 0.1), record("b", 0, 0.0, 0.3)]
     report = write_report(records, tmp_path).read_text()
     assert "| model | new (90) | tail (300) |" in report and "hist_1_3" not in report
+    assert report.count("| older |") == 1  # its row of the main table, none among the buckets
     assert "| a | 0.3000 ± 0.1414 | 0.1000 ± 0.0000 |" in report
     assert "| b | 0.0000 | 0.3000 |" in report
     assert (tmp_path / "d-buckets.png").stat().st_size > 0 and "![buckets](d-buckets.png)" in report

@@ -102,6 +102,16 @@ def trials_table(trials: list[dict], metric: str) -> list[str]:
     return ["Every tuning trial (seed 0):", "", *lines, ""]
 
 
+def bucketed(models: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The models whose every record carries bucket metrics (records written before the evaluator
+    had buckets carry none: they are left out of the bucket table and plot, not shown as zeros)."""
+    return {
+        model: runs
+        for model, runs in models.items()
+        if all(any(key.endswith("/users") for key in r["test"]) for r in runs)
+    }
+
+
 def present_buckets(models: dict[str, list[dict]], names: tuple[str, ...] = BUCKETS) -> list[str]:
     """The buckets of `names` that hold test users in these records."""
     runs = [r for group in models.values() for r in group]
@@ -110,11 +120,12 @@ def present_buckets(models: dict[str, list[dict]], names: tuple[str, ...] = BUCK
 
 def bucket_table(models: dict[str, list[dict]], metric: str = "recall@10") -> list[str]:
     """Test `metric` per target bucket per model (mean ± std over seeds), with each bucket's users."""
+    models = bucketed(models)
     buckets = present_buckets(models)
     if not buckets:
         return []
-    first = next(iter(models.values()))[0]["test"]
-    header = " | ".join(f"{b} ({first[f'{b}/users']:,})" for b in buckets)
+    runs = [r for group in models.values() for r in group]
+    header = " | ".join(f"{b} ({max(r['test'].get(f'{b}/users', 0) for r in runs):,})" for b in buckets)
     lines = [f"| model | {header} |", "|---|" + "---|" * len(buckets)]
     for model, runs in models.items():
         cells = [mean_std([r["test"].get(f"{b}/{metric}", 0.0) for r in runs]) for b in buckets]
@@ -124,6 +135,7 @@ def bucket_table(models: dict[str, list[dict]], metric: str = "recall@10") -> li
 
 def plot_buckets(dataset: str, models: dict[str, list[dict]], path: Path) -> bool:
     """Test recall@10 per popularity bucket (and new items) per model; False when there are none."""
+    models = bucketed(models)
     buckets = present_buckets(models, POPULARITY_BUCKETS)
     if not buckets:
         return False
