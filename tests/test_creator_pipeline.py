@@ -337,8 +337,8 @@ def test_patience_stops_a_creator_run_on_the_held_out_loss(workspace, tmp_path, 
 
 
 def test_creator_trains_under_bf16_autocast_when_asked(workspace, tmp_path, monkeypatch):
-    """train.precision=bf16-mixed runs every training loss under CPU bf16 autocast (about half the
-    step time of fp32 on a CPU with avx512_bf16, BENCHMARKS.md) and still learns a finite loss."""
+    """train.precision=bf16-mixed runs every training loss under CPU bf16 autocast (before the fix
+    in epoch.py it silently trained in fp32 on one device) and still learns a finite loss."""
     from hllm.creator.model.training import fit_creator
 
     real, seen = CreativeLLM.training_loss, []

@@ -288,7 +288,7 @@ def demo_command(
         str,
         typer.Option(
             "--precision",
-            help="Creator training: 32-true or bf16-mixed (half the step time on CPUs with avx512_bf16).",
+            help="Creator training: 32-true or bf16-mixed (for CPUs with native bf16: avx512_bf16 or AMX).",
         ),
     ] = "32-true",
 ) -> None:

@@ -33,8 +33,8 @@ INFER_ITEMS = 8  # cluster titles for a few held-out items: the evaluation judge
 def demo_configs(out: Path, *, limit: int, precision: str = "32-true") -> tuple[RunConfig, RunConfig]:
     """The demo's HLLM run config and its Creator config, both writing under `out`.
 
-    `precision` is the Creator training's (train.precision): bf16-mixed halves a step on a CPU with
-    avx512_bf16 (BENCHMARKS.md) and is slower where bf16 is emulated."""
+    `precision` is the Creator training's (train.precision): bf16-mixed is for CPUs with native bf16
+    (avx512_bf16 or AMX); where bf16 is emulated it is slower than fp32."""
     hllm_config = load_config(
         recipe_path("hllm-minilm-frozen"),
         [
