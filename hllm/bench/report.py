@@ -124,8 +124,8 @@ def bucket_table(models: dict[str, list[dict]], metric: str = "recall@10") -> li
     buckets = present_buckets(models)
     if not buckets:
         return []
-    runs = [r for group in models.values() for r in group]
-    header = " | ".join(f"{b} ({max(r['test'].get(f'{b}/users', 0) for r in runs):,})" for b in buckets)
+    every_run = [r for group in models.values() for r in group]
+    header = " | ".join(f"{b} ({max(r['test'].get(f'{b}/users', 0) for r in every_run):,})" for b in buckets)
     lines = [f"| model | {header} |", "|---|" + "---|" * len(buckets)]
     for model, runs in models.items():
         cells = [mean_std([r["test"].get(f"{b}/{metric}", 0.0) for r in runs]) for b in buckets]
