@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 
 from hllm.config import DataConfig
 from hllm.creator.data import teacher
+from hllm.creator.data.grounded import UNCHANGED
 from hllm.creator.data.judge import judge_titles, parse_choice, verdict
 from hllm.creator.data.llm import LLMError, LocalChat, OpenAIChat
 from hllm.creator.data.llm_server import create_llm_app
@@ -190,7 +191,8 @@ def test_grounded_backend_titles_every_row_from_its_item_text_without_an_llm(sci
     assert report["backend"] == "grounded" and report["model"] == "tiny-bert"
     assert report["rows"] == 6 and report["kept"] == len(rows) == 6 and report["rejected"] == {}
     assert set(rows["personalised_title"]) == set(rows["grounded_title"])
-    assert (rows["personalised_title"] != rows["original_title"]).all()
+    unchanged = rows["personalised_title"] == rows["original_title"]
+    assert (unchanged == (rows["template"] == UNCHANGED)).all()  # kept: the teacher's own choice
     assert rows["interests"].map(len).between(1, 3).all()
     assert not (tmp_path / "profile").exists()  # no LLM stage ran
     with pytest.raises(UserError, match="set --polish"):

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from hllm.config import dump_config, load_config
-from hllm.creator.evaluate import other_rows, variant_metrics
+from hllm.creator.evaluate import other_rows, teacher_lift, variant_metrics
 from hllm.creator.infer.clusters import assign_clusters, fit_kmeans, top_clusters
 from hllm.creator.infer.infer import UserEmbedder, embed_shards, infer, lookup_title, read_embeddings
 from hllm.creator.model.dataset import trainable_rows
@@ -204,6 +204,22 @@ def test_evaluate_reports_every_variant(creator_run, tmp_path):
     generated = pd.read_parquet(out / "generated.parquet")
     assert (generated["random_user_id"] != generated["user_id"]).all()
     assert "personalisation lift" in stdout
+
+
+def test_teacher_lift_judges_the_kept_rows_and_an_unchanged_title_lifts_nothing(workspace, tiny_run):
+    rows, hllm = workspace["rows"], load_run(tiny_run)
+    result = teacher_lift(hllm, rows, ["tfidf"], fact_chars=200, resamples=50)
+    assert result["rows"] == rows["kept"].sum() and result["changed"] == 1.0
+    for judge in ("hllm", "tfidf"):
+        low, high = result[judge]["personalisation_lift_ci"]
+        assert low <= result[judge]["personalisation_lift"] <= high
+    unchanged = teacher_lift(
+        hllm, rows.assign(personalised_title=rows["original_title"]), ["tfidf"], fact_chars=200
+    )
+    assert unchanged["changed"] == 0.0
+    for judge in ("hllm", "tfidf"):
+        assert unchanged[judge]["personalisation_lift"] == pytest.approx(0.0, abs=1e-6)
+        assert unchanged[judge]["wins_over_original"] == 0.0
 
 
 def test_variant_metrics_by_hand():

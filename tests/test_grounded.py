@@ -14,7 +14,15 @@ import pandas as pd
 import pytest
 
 from hllm.config import DataConfig
-from hllm.creator.data.grounded import CONNECTORS, TEMPLATES, Fact, compose, ground_rows, item_facts
+from hllm.creator.data.grounded import (
+    CONNECTORS,
+    TEMPLATES,
+    UNCHANGED,
+    Fact,
+    compose,
+    ground_rows,
+    item_facts,
+)
 from hllm.creator.data.hallucination import check_title, collect_brands
 from hllm.creator.data.teacher import read_catalogue
 
@@ -57,15 +65,22 @@ def test_every_item_of_amazon_scientific_gets_a_title_the_filter_keeps(catalogue
     )
     grounded = ground_rows(rows, catalogue, HashEncoder(), fact_chars=400)
     brands = collect_brands(catalogue["brand"])
-    titled = [i for i, template in enumerate(grounded.templates) if template != "head"]
-    assert len(titled) >= 0.99 * len(ids)  # "head": the item has no fact its title lacks (dropped)
-    for i in titled:
-        item, title = catalogue.loc[ids[i]], grounded.titles[i]
+    for i, item_id in enumerate(ids):
+        item, title = catalogue.loc[item_id], grounded.titles[i]
         source = f"{item['title']}; {item['selling_points']}"
-        assert _words(title) <= _words(source) | set(CONNECTORS), (title, ids[i])
-        verdict = check_title(title, original_title=item["title"], source_text=source, known_brands=brands)
-        assert verdict.kept, (title, verdict.reasons)
-    assert {grounded.templates[i] for i in titled} == set(TEMPLATES)
+        assert _words(title) <= _words(source) | set(CONNECTORS), (title, item_id)
+        unchanged = grounded.templates[i] == UNCHANGED
+        assert (title == item["title"]) == unchanged, (title, item_id)
+        if not unchanged:  # (the filter rejects an unchanged title as no rewrite at all)
+            verdict = check_title(
+                title, original_title=item["title"], source_text=source, known_brands=brands
+            )
+            assert verdict.kept, (title, verdict.reasons)
+    shares = pd.Series(grounded.templates).value_counts(normalize=True)
+    assert set(shares.index) == {*TEMPLATES, UNCHANGED}
+    assert (
+        0.2 < shares[UNCHANGED] < 0.8
+    )  # random stand-in vectors: a fact beats the title about half the time
     assert all(grounded.interests)
 
 
@@ -77,7 +92,7 @@ def test_the_templates_add_only_their_connectors_which_the_filter_allows() -> No
         for word in re.findall(r"[A-Za-z]+", text)
     }
     assert added == set(CONNECTORS)
-    title = TEMPLATES["audience"].format(fact="Lab Glassware", head="Glass Beaker Set")
+    title = TEMPLATES["audience"].format(fact="Lab Glassware", title="Glass Beaker Set")
     verdict = check_title(
         title, original_title="Glass Beaker Set.", source_text="Glass Beaker Set.; categories: Lab Glassware"
     )
@@ -113,14 +128,42 @@ def test_two_users_get_the_fact_that_matches_their_history() -> None:
 def test_phrases_keep_numbers_in_their_source_context_and_never_end_in_a_cut_word() -> None:
     description = "Tape, .75-Inch by 66-Foot, approx.1.0mm thick; wraps insulation"
     visible = f"description: {description}"[:55]  # cut inside "insulation"
-    facts = item_facts("3M Electrical Tape", visible, "", "", description, set())
+    facts = item_facts(visible, "", "", description, set())
     texts = [fact.text for fact in facts]
     assert ".75-Inch by 66-Foot" in texts
     assert all(not text.endswith("insul") and "wraps" not in text for text in texts)
 
 
-def test_a_fact_that_only_rebuilds_the_original_title_gives_way_to_the_next() -> None:
-    original, rebuilds = "Humidity Monitor, Digital Hygrometer.", Fact("Digital Hygrometer", "title")
-    assert compose("Humidity Monitor", [rebuilds], original) == ("Humidity Monitor", [], "head")
-    title, used, _ = compose("Humidity Monitor", [rebuilds, Fact("Lab Supplies", "category")], original)
-    assert used[-1] == "Lab Supplies" and _words(title) != _words(original)
+def test_a_fact_the_title_already_says_gives_way_to_the_next() -> None:
+    original, said = "Humidity Monitor, Digital Hygrometer.", Fact("Digital Hygrometer", "description")
+    assert compose(original, [said]) == (original, [], UNCHANGED)
+    title, used, template = compose(original, [said, Fact("Lab Supplies", "category")])
+    assert (title, used, template) == (
+        "For Lab Supplies: Humidity Monitor, Digital Hygrometer",
+        ["Lab Supplies"],
+        "audience",
+    )
+
+
+def test_a_fact_that_interests_the_user_less_than_the_title_itself_is_not_added() -> None:
+    """The glass fan's target already says glass: the steel fact would move it away from them."""
+    items = pd.DataFrame(
+        {
+            "title": ["Glass Beaker Rack", "Glass Flask", "Steel Clamp"],
+            "selling_points": [
+                "description: fits steel rods",
+                "description: a flask",
+                "description: a clamp",
+            ],
+            "brand": ["", "", ""],
+            "categories": ["", "", ""],
+            "description": ["fits steel rods", "a flask", "a clamp"],
+        },
+        index=["rack", "flask", "clamp"],
+    )
+    rows = pd.DataFrame(
+        {"user_id": ["u1", "u2"], "item_id": ["rack", "rack"], "history_item_ids": [["flask"], ["clamp"]]}
+    )
+    grounded = ground_rows(rows, items, TopicEncoder(), fact_chars=400)
+    assert grounded.titles == ["Glass Beaker Rack", "Glass Beaker Rack | Fits steel rods"]
+    assert grounded.templates == [UNCHANGED, "one_fact"]

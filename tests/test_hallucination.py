@@ -158,6 +158,14 @@ def test_kinds_are_distinct_and_in_reasons_order() -> None:
     assert verdict.kinds == ("number", "claim")
 
 
+def test_a_title_handed_back_unchanged_is_rejected_but_invents_nothing() -> None:
+    verdict = check_title(
+        "Glass Beaker Set.", original_title="Glass Beaker Set.", source_text="Glass Beaker Set."
+    )
+    assert verdict.kinds == ("unchanged",) and not verdict.kept and not verdict.invents
+    assert Verdict(kept=False, reasons=("unchanged: same", "claim: best")).invents
+
+
 def test_collect_brands_normalises_and_drops_non_brands() -> None:
     raw = ["Stanley", " 3M ", "AT&amp;T", "Paper  Mate", "", None, "Unknown", "x", "stanley"]
     assert collect_brands(raw) == frozenset({"stanley", "3m", "at&t", "paper mate"})

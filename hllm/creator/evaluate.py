@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -102,11 +103,10 @@ class TextJudge:
         return self.embed(titles)
 
 
-def second_judge(run: CreatorRun, catalogue: ItemFacts) -> TextJudge | None:
+def second_judge(spec: str, hllm: Run, catalogue: ItemFacts) -> TextJudge | None:
     """`creator.eval.judge_encoder`: tfidf (word overlap), an encoder spec (mean-pooled), other (the
     shipped encoder the HLLM run does not read) or none."""
-    spec = run.config.creator.eval.judge_encoder
-    titles = run.hllm.data.item_titles
+    titles = hllm.data.item_titles
     if spec == "none":
         return None
     if spec == "tfidf":
@@ -116,20 +116,60 @@ def second_judge(run: CreatorRun, catalogue: ItemFacts) -> TextJudge | None:
             "tfidf", lambda texts: torch.from_numpy(vectoriser.transform(texts).toarray()).float(), titles
         )
     if spec == "other":
-        spec = "smollm2-135m" if run.hllm.config.model.item.backbone == "minilm" else "minilm"
+        spec = "smollm2-135m" if hllm.config.model.item.backbone == "minilm" else "minilm"
     encoder = PhraseEncoder(load_backbone(spec), batch_size=64)
     return TextJudge(spec, lambda texts: torch.from_numpy(encoder.encode(texts)), titles)
+
+
+def teacher_lift(
+    hllm: Run, rows: pd.DataFrame, judges: list[str], *, fact_chars: int, resamples: int = 1000, seed: int = 0
+) -> dict:
+    """The training titles' own figures (the kept rows of `hllm creator build-data`), judged as the
+    Creator's are: by the HLLM and by each of `judges` (`second_judge` specs). A Creator cannot
+    personalise more than the titles it learns from; this says how much they do, with no model."""
+    rows = rows[rows["kept"]].reset_index(drop=True)
+    data = hllm.data
+    histories = [
+        history_before(data, data.user_index(user), data.item_index(item))
+        for user, item in zip(rows["user_id"], rows["item_id"], strict=True)
+    ]
+    scorer, step = _hllm_scorer(hllm), hllm.config.eval.item_batch_size
+
+    def embedded(column: str) -> Tensor:
+        """(R, D) HLLM embeddings of every row's item with the title of `column`, `step` at a time."""
+        items, titles = list(rows["item_id"]), list(rows[column])
+        return torch.cat(
+            [scorer.titles(items[i : i + step], titles[i : i + step]) for i in range(0, len(rows), step)]
+        )
+
+    own = torch.cat([scorer.users(histories[i : i + step]) for i in range(0, len(rows), step)])
+    others = torch.as_tensor(other_rows(len(rows), seed + 1))
+    changed = rows["personalised_title"] != rows["original_title"]
+    result: dict = {"rows": len(rows), "changed": float(changed.mean())}
+    options = {"resamples": resamples, "seed": seed}
+    titles, originals = embedded("personalised_title"), embedded("original_title")
+    result["hllm"] = judged(own, own[others], titles, originals, **options)
+    catalogue = ItemFacts.read(hllm.config.data, fact_chars)
+    for spec in judges:
+        judge = second_judge(spec, hllm, catalogue)
+        users = judge.users(histories)
+        titles, originals = (judge.titles(list(rows[c])) for c in ("personalised_title", "original_title"))
+        result[judge.name] = judged(users, users[others], titles, originals, **options)
+    return result
 
 
 def _scorer(run: CreatorRun) -> TitleScorer:
     """The HLLM the Creator was built on; reloaded when the Creator trained it further."""
     if not run.config.creator.model.train_hllm:
         return TitleScorer(run.hllm, run.model.item_table)
-    hllm = load_run(run.config.creator.model.hllm_run)
-    config = hllm.config.eval
-    return TitleScorer(
-        hllm, item_table(hllm.model, hllm.data.num_items, hllm.item_tokens, batch_size=config.item_batch_size)
+    return _hllm_scorer(load_run(run.config.creator.model.hllm_run))
+
+
+def _hllm_scorer(hllm: Run) -> TitleScorer:
+    table = item_table(
+        hllm.model, hllm.data.num_items, hllm.item_tokens, batch_size=hllm.config.eval.item_batch_size
     )
+    return TitleScorer(hllm, table)
 
 
 def bootstrap_interval(values: np.ndarray, *, resamples: int, seed: int) -> list[float]:
@@ -211,7 +251,7 @@ def evaluate_creator(
     others = torch.as_tensor(other_rows(len(rows), seed + 1))
     other = own[others]
     originals = scorer.titles(list(generated["item_id"]), list(generated["original_title"]))
-    second = second_judge(run, catalogue)
+    second = second_judge(run.config.creator.eval.judge_encoder, run.hllm, catalogue)
     result: dict = {"rows": len(rows), "users": int(rows["user_id"].nunique())}
     result["second_judge"] = second.name if second else "none"
     if second is not None:
@@ -230,7 +270,7 @@ def evaluate_creator(
             for t, o in zip(generated[variant], generated["original_title"], strict=True)
         ]
         embedded = scorer.titles(list(generated["item_id"]), list(generated[variant]))
-        rejected = [not v.kept for v in verdicts]
+        rejected = [v.invents for v in verdicts]  # an unchanged title counts in identical_to_original
         result[variant] = variant_metrics(
             own, other, embedded, originals, rejected, identical, resamples=resamples, seed=seed
         )

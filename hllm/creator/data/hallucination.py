@@ -101,6 +101,11 @@ class Verdict:
     reasons: tuple[str, ...]
 
     @property
+    def invents(self) -> bool:
+        """Rejected for something other than being the original title again (which invents nothing)."""
+        return any(kind != "unchanged" for kind in self.kinds)
+
+    @property
     def kinds(self) -> tuple[str, ...]:
         """The distinct kinds of `reasons`, in `REASONS` order."""
         found = {reason.split(":", 1)[0] for reason in self.reasons}

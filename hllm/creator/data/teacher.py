@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from hllm.config import DataConfig
+from hllm.creator.data.grounded import UNCHANGED, ground
 from hllm.creator.data.grounded import VERSION as GROUNDED_VERSION
-from hllm.creator.data.grounded import ground
 from hllm.creator.data.hallucination import REASONS, check_title, collect_brands
 from hllm.creator.data.llm import ChatModel, open_chat_model
 from hllm.creator.data.prompts import POLISH, PROFILE, REWRITE, VERIFY
@@ -270,7 +270,7 @@ def _grounded(
     """Grounded titles (and interests) for every row whose history has a category or brand; with a
     polishing LLM, its rewording replaces each title (a malformed answer keeps the grounded one)."""
     titled = ground(rows, catalogue, settings)
-    failed = {"grounded": {"no profile or no fact to add": len(rows) - len(titled)}}
+    failed = {"grounded": {"no profile (no category or brand in the history)": len(rows) - len(titled)}}
     if chat is None:
         return titled.assign(personalised_title=titled["grounded_title"]), failed
     key = ["user_id", "item_id"]
@@ -299,7 +299,13 @@ def _filter(
         )
         for row in titled.itertuples()
     ]
-    titled["reasons"] = [list(verdict.reasons) for verdict in verdicts]
+    # The grounded teacher keeps the original title on purpose when no fact interests the user more
+    # than the title does; an LLM that hands the title back has failed to rewrite it.
+    decided = titled["template"].eq(UNCHANGED) if "template" in titled else pd.Series(False, titled.index)
+    titled["reasons"] = [
+        [reason for reason in verdict.reasons if not (keep_title and reason.startswith("unchanged"))]
+        for verdict, keep_title in zip(verdicts, decided, strict=True)
+    ]
     if settings.verify and len(titled):
         passed = titled[[verdict.kept for verdict in verdicts]]
         checked = run_stage(
