@@ -208,7 +208,8 @@ def test_evaluate_reports_every_variant(creator_run, tmp_path):
 
 def test_teacher_lift_judges_the_kept_rows_and_an_unchanged_title_lifts_nothing(workspace, tiny_run):
     rows, hllm = workspace["rows"], load_run(tiny_run)
-    result = teacher_lift(hllm, rows, ["tfidf"], fact_chars=200, resamples=50)
+    result = teacher_lift(hllm, rows, ["tfidf", "none"], fact_chars=200, resamples=50)
+    assert set(result) == {"rows", "changed", "hllm", "tfidf"}  # "none" judges nothing
     assert result["rows"] == rows["kept"].sum() and result["changed"] == 1.0
     for judge in ("hllm", "tfidf"):
         low, high = result[judge]["personalisation_lift_ci"]

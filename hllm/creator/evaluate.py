@@ -151,7 +151,8 @@ def teacher_lift(
     result["hllm"] = judged(own, own[others], titles, originals, **options)
     catalogue = ItemFacts.read(hllm.config.data, fact_chars)
     for spec in judges:
-        judge = second_judge(spec, hllm, catalogue)
+        if (judge := second_judge(spec, hllm, catalogue)) is None:
+            continue
         users = judge.users(histories)
         titles, originals = (judge.titles(list(rows[c])) for c in ("personalised_title", "original_title"))
         result[judge.name] = judged(users, users[others], titles, originals, **options)
