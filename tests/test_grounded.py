@@ -19,6 +19,7 @@ from hllm.creator.data.grounded import (
     TEMPLATES,
     UNCHANGED,
     Fact,
+    GroundedRows,
     compose,
     ground_rows,
     item_facts,
@@ -78,9 +79,8 @@ def test_every_item_of_amazon_scientific_gets_a_title_the_filter_keeps(catalogue
             assert verdict.kept, (title, verdict.reasons)
     shares = pd.Series(grounded.templates).value_counts(normalize=True)
     assert set(shares.index) == {*TEMPLATES, UNCHANGED}
-    assert (
-        0.2 < shares[UNCHANGED] < 0.8
-    )  # random stand-in vectors: a fact beats the title about half the time
+    # random stand-in vectors: a fact beats the title about half the time
+    assert 0.2 < shares[UNCHANGED] < 0.8
     assert all(grounded.interests)
 
 
@@ -99,25 +99,29 @@ def test_the_templates_add_only_their_connectors_which_the_filter_allows() -> No
     assert verdict.kept, verdict.reasons
 
 
-def test_two_users_get_the_fact_that_matches_their_history() -> None:
+def _ground_one_rack_for_two_users(title: str, brand: str, description: str) -> GroundedRows:
+    """The rack titled for u1 (who bought a glass flask) and u2 (a steel clamp), by `TopicEncoder`."""
+    points = (f"brand: {brand}; " if brand else "") + f"description: {description}"
     items = pd.DataFrame(
         {
-            "title": ["Lab Rack for Beakers", "Glass Flask", "Steel Clamp"],
-            "selling_points": [
-                "brand: Acme; description: holds glass beakers; fits steel rods",
-                "description: a flask",
-                "description: a clamp",
-            ],
-            "brand": ["Acme", "", ""],
+            "title": [title, "Glass Flask", "Steel Clamp"],
+            "selling_points": [points, "description: a flask", "description: a clamp"],
+            "brand": [brand, "", ""],
             "categories": ["", "", ""],
-            "description": ["holds glass beakers; fits steel rods", "a flask", "a clamp"],
+            "description": [description, "a flask", "a clamp"],
         },
         index=["rack", "flask", "clamp"],
     )
     rows = pd.DataFrame(
         {"user_id": ["u1", "u2"], "item_id": ["rack", "rack"], "history_item_ids": [["flask"], ["clamp"]]}
     )
-    grounded = ground_rows(rows, items, TopicEncoder(), fact_chars=400)
+    return ground_rows(rows, items, TopicEncoder(), fact_chars=400)
+
+
+def test_two_users_get_the_fact_that_matches_their_history() -> None:
+    grounded = _ground_one_rack_for_two_users(
+        "Lab Rack for Beakers", "Acme", "holds glass beakers; fits steel rods"
+    )
     first, second = (title.lower() for title in grounded.titles)
     assert (
         first.startswith("lab rack for beakers") and "holds glass beakers" in first and "steel" not in first
@@ -147,23 +151,6 @@ def test_a_fact_the_title_already_says_gives_way_to_the_next() -> None:
 
 def test_a_fact_that_interests_the_user_less_than_the_title_itself_is_not_added() -> None:
     """The glass fan's target already says glass: the steel fact would move it away from them."""
-    items = pd.DataFrame(
-        {
-            "title": ["Glass Beaker Rack", "Glass Flask", "Steel Clamp"],
-            "selling_points": [
-                "description: fits steel rods",
-                "description: a flask",
-                "description: a clamp",
-            ],
-            "brand": ["", "", ""],
-            "categories": ["", "", ""],
-            "description": ["fits steel rods", "a flask", "a clamp"],
-        },
-        index=["rack", "flask", "clamp"],
-    )
-    rows = pd.DataFrame(
-        {"user_id": ["u1", "u2"], "item_id": ["rack", "rack"], "history_item_ids": [["flask"], ["clamp"]]}
-    )
-    grounded = ground_rows(rows, items, TopicEncoder(), fact_chars=400)
+    grounded = _ground_one_rack_for_two_users("Glass Beaker Rack", "", "fits steel rods")
     assert grounded.titles == ["Glass Beaker Rack", "Glass Beaker Rack | Fits steel rods"]
     assert grounded.templates == [UNCHANGED, "one_fact"]

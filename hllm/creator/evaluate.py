@@ -121,6 +121,15 @@ def second_judge(spec: str, hllm: Run, catalogue: ItemFacts) -> TextJudge | None
     return TextJudge(spec, lambda texts: torch.from_numpy(encoder.encode(texts)), titles)
 
 
+def row_histories(hllm: Run, rows: pd.DataFrame) -> list[np.ndarray]:
+    """Each row's history: the user's items before the row's item, as the HLLM run's item indices."""
+    data = hllm.data
+    return [
+        history_before(data, data.user_index(user), data.item_index(item))
+        for user, item in zip(rows["user_id"], rows["item_id"], strict=True)
+    ]
+
+
 def teacher_lift(
     hllm: Run, rows: pd.DataFrame, judges: list[str], *, fact_chars: int, resamples: int = 1000, seed: int = 0
 ) -> dict:
@@ -128,11 +137,7 @@ def teacher_lift(
     Creator's are: by the HLLM and by each of `judges` (`second_judge` specs). A Creator cannot
     personalise more than the titles it learns from; this says how much they do, with no model."""
     rows = rows[rows["kept"]].reset_index(drop=True)
-    data = hllm.data
-    histories = [
-        history_before(data, data.user_index(user), data.item_index(item))
-        for user, item in zip(rows["user_id"], rows["item_id"], strict=True)
-    ]
+    histories = row_histories(hllm, rows)
     scorer, step = _hllm_scorer(hllm), hllm.config.eval.item_batch_size
 
     def embedded(column: str) -> Tensor:
@@ -220,12 +225,9 @@ def evaluate_creator(
     out = Path(out)
     rows = run.rows[run.rows["user_id"].isin(run.held_out)].reset_index(drop=True)
     rows = rows.head(limit) if limit else rows
-    data, settings = run.hllm.data, run.config.creator.infer
+    settings = run.config.creator.infer
     max_history = run.hllm.config.data.max_history
-    histories = [
-        history_before(data, data.user_index(user), data.item_index(item))
-        for user, item in zip(rows["user_id"], rows["item_id"], strict=True)
-    ]
+    histories = row_histories(run.hllm, rows)
     catalogue = ItemFacts.read(run.hllm.config.data, run.config.creator.data.fact_chars)
     facts = [catalogue.facts(item) for item in rows["item_id"]]
     own_projected = project_users(run.model, histories, max_history, batch_size=settings.batch_size)
