@@ -243,7 +243,7 @@ def export(
 def index(
     artifact: Annotated[Path, typer.Argument(help="An artifact written by hllm export.")],
     overrides: Overrides = None,
-    kind: Annotated[str, typer.Option("--kind", help="exact, hnsw, ivf or pq.")] = "hnsw",
+    kind: Annotated[str, typer.Option("--kind", help="exact, hnsw, hnsw-sq8, ivf or pq.")] = "hnsw",
 ) -> None:
     """Build (and save) the artifact's index; report its recall@10 against exact search."""
     from hllm.serving.export import load_artifact

@@ -59,7 +59,7 @@ def test_the_undeclared_padding_knob_is_an_unknown_key():
 
 
 def test_choices_are_the_literal_values_of_a_field():
-    assert choices(ServeConfig, "index") == ("exact", "hnsw", "ivf", "pq")
+    assert choices(ServeConfig, "index") == ("exact", "hnsw", "hnsw-sq8", "ivf", "pq")
     assert choices(ItemConfig, "mode") == ("finetune", "lora", "frozen")
     with pytest.raises(UserError, match="model.item.mode"):
         load_config(None, ["model.item.mode=frozn"])

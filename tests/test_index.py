@@ -56,7 +56,7 @@ def test_exact_equals_numpy_brute_force(catalogue, exact_top):
     assert overlap_at_k(exact_top, truth) == pytest.approx(1.0, abs=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf", "pq"])
+@pytest.mark.parametrize("kind", ["hnsw", "hnsw-sq8", "ivf", "pq"])
 def test_approximate_indexes_reach_recall_090(catalogue, exact_top, kind):
     vectors, queries = catalogue
     index = build_index(vectors, kind)
@@ -78,6 +78,15 @@ def test_too_many_ivf_lists_are_a_user_error(catalogue):
     vectors, _ = catalogue  # an unknown kind never gets here: the config and the CLI refuse it
     with pytest.raises(UserError, match="serve.ivf_lists"):
         build_index(vectors[:10], "ivf", ivf_lists=20)
+
+
+def test_hnsw_sq8_walks_8_bit_codes_and_scores_on_the_exact_vectors(catalogue):
+    vectors, queries = catalogue
+    index = build_index(vectors, "hnsw-sq8", hnsw_m=8, hnsw_ef_search=40)
+    graph = faiss.downcast_index(index.base_index)
+    assert isinstance(graph, faiss.IndexHNSWSQ) and graph.hnsw.efSearch == 40
+    scores, found = search(index, queries, 30, kept=K)
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, found, axis=1), atol=1e-5)
 
 
 def test_pq_recall_grows_with_the_candidates_it_reranks(catalogue, exact_top):
@@ -114,7 +123,7 @@ def test_pq_settings_it_cannot_build_are_user_errors(catalogue, rows, codes, whe
         build_index(vectors[:rows], "pq", pq_codes=codes)
 
 
-@pytest.mark.parametrize("kind", ["exact", "hnsw", "pq"])
+@pytest.mark.parametrize("kind", ["exact", "hnsw", "hnsw-sq8", "pq"])
 def test_added_vector_is_found_and_size_grows(catalogue, kind):
     vectors, _ = catalogue
     index = ItemIndex(build_index(vectors, kind))
@@ -217,3 +226,16 @@ def test_a_saved_pq_index_takes_its_rerank_depth_from_the_settings(tiny_artifact
         patch.setattr(hllm.serving.index, "build_index", lambda *a, **k: pytest.fail("rebuilt"))
         deeper = open_index(artifact, {**settings, "pq_rerank": 7})
     assert deeper.k_factor == 7 and deeper.ntotal == 200
+
+
+def test_a_saved_hnsw_sq8_index_takes_its_search_width_from_the_settings(
+    tiny_artifact, tmp_path, monkeypatch
+):
+    artifact = load_artifact(copy_artifact(tiny_artifact, tmp_path / "a"))
+    settings = settings_of(artifact.config.serve, "hnsw-sq8")
+    assert index_artifact(artifact, "hnsw-sq8")["recall@10"] == 1.0  # 12 items: all within reach
+    assert index_path(artifact, "hnsw-sq8") != index_path(artifact, "hnsw")  # both can be kept
+    with monkeypatch.context() as patch:
+        patch.setattr(hllm.serving.index, "build_index", lambda *a, **k: pytest.fail("rebuilt"))
+        wider = open_index(artifact, {**settings, "hnsw_ef_search": 777})
+    assert faiss.downcast_index(wider.base_index).hnsw.efSearch == 777 and wider.ntotal == 12

@@ -369,3 +369,19 @@ def test_history_window_reads_only_the_most_recent_items(tiny_artifact, tmp_path
     long, short = answers
     assert long["truncated"] == 2 and short["truncated"] == 0
     assert long["items"] == short["items"]
+
+
+def test_the_whole_user_llm_pass_answers_like_the_last_position_shortcut(tiny_artifact, tmp_path):
+    body = {"history": ["i3", "i4", "i5"], "k": 5}
+    answers = []
+    for whole in (False, True):
+        artifact = load_artifact(
+            copy_artifact(tiny_artifact, tmp_path / str(whole)), [f"serve.last_position_only={not whole}"]
+        )
+        app = create_app(artifact)
+        assert artifact.model.user_encoder.last_position_only is not whole  # the setting reaches the model
+        with serving_app(app) as address:
+            answers.append(httpx.post(f"{address}/recommend", json=body, timeout=TIMEOUT).json()["items"])
+    shortcut, whole_pass = answers
+    assert [i["id"] for i in shortcut] == [i["id"] for i in whole_pass]
+    np.testing.assert_allclose([i["score"] for i in shortcut], [i["score"] for i in whole_pass], atol=1e-5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
 from hllm.errors import UserError
 from hllm.models.backbone import Backbone, load_backbone
@@ -116,3 +116,24 @@ def test_dropout_acts_in_training_only():
         assert (first - second).abs().max() > 1e-3
         evaluated = dropped.eval()(embeddings, mask)
         torch.testing.assert_close(evaluated, plain(embeddings, mask), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # 2: grouped-query attention, as in SmolLM2
+def test_last_state_shortcut_equals_the_whole_pass(kv_heads):
+    """Inference computes the final layer at the last position only; the answer must not change."""
+    config = LlamaConfig(
+        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=kv_heads, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    encoder = UserEncoder(Backbone(LlamaModel(config), None, True, 32, "llama")).eval()
+    assert encoder.last_position_only
+    items = torch.randn(len(LENGTHS), 5, 32, generator=torch.Generator().manual_seed(1))
+    embeddings, mask = padded(items, "left")
+    with torch.no_grad():
+        whole = encoder(embeddings, mask)[:, -1]  # (B, D) the full pass at the last column
+        shortcut = encoder.last_state(embeddings, mask)
+        right_padded = encoder.last_state(*padded(items, "right"))  # rows end early: no shortcut
+    torch.testing.assert_close(shortcut, whole, atol=ATOL, rtol=0)
+    torch.testing.assert_close(right_padded, whole, atol=ATOL, rtol=0)
+    assert (whole - whole.roll(1, 0)).abs().max() > 1e-3  # rows differ: the comparison means something

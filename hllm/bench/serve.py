@@ -262,6 +262,7 @@ def bench_serve(
                         row = {"items": size, "index": serve.index, "settings": settings, "artifact": name}
                         row |= {"variant": variant, **result, "overlap@10": overlaps.get((name, variant))}
                         row |= {"precision": serve.precision, "history_window": serve.history_window}
+                        row["last_position_only"] = serve.last_position_only
                         row |= {key: built[key] for key in ("recall@10", "build_s", "saved_index_read")}
                         row["command"] = command
                         same = ("items", "index", "settings", "precision", "variant", "clients", "artifact")
@@ -320,7 +321,7 @@ def serving_section(records: list[dict]) -> str:
         "| errors | overlap@10 |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    order = {"exact": 0, "hnsw": 1, "ivf": 2, "pq": 3}
+    order = {"exact": 0, "hnsw": 1, "hnsw-sq8": 2, "ivf": 3, "pq": 4}
 
     def place(r: dict) -> tuple:
         settings = str(r.get("settings")), r.get("precision", "fp32"), r.get("variant", "")

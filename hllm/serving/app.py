@@ -243,6 +243,7 @@ def create_app(artifact: Artifact) -> FastAPI:
     max_history = serve.history_window or artifact.config.data.max_history
     if serve.precision == "int8":
         _int8_user_llm(artifact.model)
+    artifact.model.user_encoder.last_position_only &= serve.last_position_only
     write_key = read_write_key(serve.write_key_env)
     needs_key = [Depends(write_guard(write_key))]
 
