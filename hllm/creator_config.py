@@ -91,6 +91,10 @@ class CreativeLossConfig:
     """Weight of the symmetric InfoNCE between user embedding and profile encoding (0 = off)."""
     cls: float = at_least(0, 0.5)
     """Weight of the user-item matching BCE that scores (cluster, item) pairs at inference (0 = off)."""
+    contrast: float = at_least(0, 0.0)
+    """Weight of the contrast loss: given the row's user, its own title must be likelier than the
+    grounded teacher's title for another user of the same item (rows with a `contrast_title` that
+    differs; 0 = off). Without it nothing makes the Creative LLM read the user (BENCHMARKS.md)."""
     align_temperature: float = in_range(0.05, 0.01, 1.0)
     """Initial align temperature (learnable; its inverse is clamped to [1, 100])."""
     nce_threshold: float = 0.99

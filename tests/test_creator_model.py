@@ -17,7 +17,13 @@ from hllm.config import load_config
 from hllm.creator.model.dataset import CreatorBatches, make_examples
 from hllm.creator.model.heads import ConcatHead, Matcher, MixerHead
 from hllm.creator.model.layout import IGNORE, pad
-from hllm.creator.model.losses import align_loss, matching_loss, target_token_loss
+from hllm.creator.model.losses import (
+    align_loss,
+    contrast_loss,
+    matching_loss,
+    sequence_log_likelihood,
+    target_token_loss,
+)
 from hllm.creator.model.training import build_creator
 from hllm.runs import load_run
 from tests.support import cycle_rows
@@ -283,3 +289,52 @@ def test_full_training_loss_backpropagates_into_projector_and_lm(creator, hllm_r
     assert creator.end_token.grad.abs().sum() > 0
     assert creator.lm.get_input_embeddings().weight.grad.abs().sum() > 0
     creator.zero_grad()
+
+
+def test_sequence_log_likelihood_and_contrast_loss_by_hand():
+    hidden = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]] * 3])
+    labels = torch.tensor([[IGNORE, 1, 2], [IGNORE, IGNORE, IGNORE]])  # row 1 has no target
+    first = math.log(1 / (math.exp(2) + 2)) + math.log(1 / (math.e + 2))
+    totals = sequence_log_likelihood(hidden, labels, nn.Identity())
+    torch.testing.assert_close(totals, torch.tensor([first, 0.0]))
+    own, other = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0])
+    expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(2.0))) / 2  # -log sigmoid(own - other)
+    assert contrast_loss(own, other).item() == pytest.approx(expected, rel=1e-6)
+
+
+def contrast_rows(data) -> pd.DataFrame:
+    """cycle_rows with a contrast title: another user's title on kept rows, a copy of its own on row 1."""
+    rows = cycle_rows(data)
+    rows["contrast_title"] = rows["original_title"] + " for another reader"
+    rows.loc[1, "contrast_title"] = rows.loc[1, "personalised_title"]  # the same title: no contrast
+    return rows
+
+
+def test_contrast_sequences_hold_another_users_title_on_kept_rows_only(creator, hllm_run):
+    rows = contrast_rows(hllm_run.data)
+    examples = make_examples(rows, hllm_run.data, creator.layout)
+    layout = creator.layout
+    for row, example in zip(rows.itertuples(), examples, strict=True):
+        if row.kept and row.Index != 1:
+            expected = layout.creative(row.original_title, row.selling_points, row.contrast_title)
+        else:
+            expected = layout.prompt(row.original_title, row.selling_points)  # the prompt alone
+        assert example.contrast == expected
+    plain = make_examples(cycle_rows(hllm_run.data), hllm_run.data, creator.layout)  # no column: none
+    assert all(all(label == IGNORE for label in e.contrast.labels) for e in plain)
+
+
+def test_contrast_loss_trains_the_user_projector(hllm_run):
+    model = tiny_creator(hllm_run, **{"creator.loss.contrast": 2.0, "creator.loss.cls": 0.0})
+    model.cache_item_table()
+    batch = batches_of(model, hllm_run, contrast_rows(hllm_run.data), shuffle=False)[0]
+    loss = model.training_loss(batch)
+    loss.backward()
+    parts = model.last_stats
+    assert set(parts) == {"creative_loss", "recon_loss", "align_loss", "contrast_loss"}
+    expected = parts["creative_loss"] + 0.5 * parts["recon_loss"] + 0.1 * parts["align_loss"]
+    assert loss.item() == pytest.approx(expected + 2.0 * parts["contrast_loss"], rel=1e-5)
+    assert model.projector.weight.grad.abs().sum() > 0
+    off = batches_of(model, hllm_run, cycle_rows(hllm_run.data), shuffle=False)[0]  # no contrast titles
+    model.training_loss(off)
+    assert "contrast_loss" not in model.last_stats

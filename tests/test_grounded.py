@@ -129,6 +129,13 @@ def test_two_users_get_the_fact_that_matches_their_history() -> None:
     assert second.startswith("lab rack for beakers") and "fits steel rods" in second and "glass" not in second
 
 
+def test_each_rows_contrast_title_is_the_one_written_for_the_other_user() -> None:
+    grounded = _ground_one_rack_for_two_users(
+        "Lab Rack for Beakers", "Acme", "holds glass beakers; fits steel rods"
+    )
+    assert grounded.contrast_titles == grounded.titles[::-1]  # two users: each one's other is the other
+
+
 def test_phrases_keep_numbers_in_their_source_context_and_never_end_in_a_cut_word() -> None:
     description = "Tape, .75-Inch by 66-Foot, approx.1.0mm thick; wraps insulation"
     visible = f"description: {description}"[:55]  # cut inside "insulation"

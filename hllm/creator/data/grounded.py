@@ -171,15 +171,16 @@ def _words(text: str) -> list[str]:
 
 
 def ground(rows: pd.DataFrame, catalogue: pd.DataFrame, settings: CreatorDataConfig) -> pd.DataFrame:
-    """`rows` (of `teacher.select_rows`) with `interests`, `grounded_title`, `facts` and `template`;
-    a row whose history names no category or brand (no profile) is dropped."""
+    """`rows` (of `teacher.select_rows`) with `interests`, `grounded_title`, `facts`, `template` and
+    `contrast_title`; a row whose history names no category or brand (no profile) is dropped."""
     encoder = PhraseEncoder(load_backbone(settings.encoder))
-    grounded = ground_rows(rows, catalogue, encoder, fact_chars=settings.fact_chars)
+    grounded = ground_rows(rows, catalogue, encoder, fact_chars=settings.fact_chars, seed=settings.seed)
     titled = rows.assign(
         interests=grounded.interests,
         grounded_title=grounded.titles,
         facts=grounded.facts,
         template=grounded.templates,
+        contrast_title=grounded.contrast_titles,
     )
     return titled[titled["interests"].map(len) > 0].reset_index(drop=True)
 
@@ -190,12 +191,15 @@ class GroundedRows:
     titles: list[str]
     facts: list[list[str]]
     templates: list[str]
+    contrast_titles: list[str]  # the title the teacher writes for another user of the sample
 
 
 def ground_rows(
-    rows: pd.DataFrame, items: pd.DataFrame, encoder: PhraseEncoder, *, fact_chars: int
+    rows: pd.DataFrame, items: pd.DataFrame, encoder: PhraseEncoder, *, fact_chars: int, seed: int = 0
 ) -> GroundedRows:
-    """Interests and a grounded title for every row (`user_id`, `history_item_ids`, `item_id`).
+    """Interests and a grounded title for every row (`user_id`, `history_item_ids`, `item_id`), and
+    the contrast title: the same item's title for a seeded random other user of the sample, which
+    the Creator's contrast loss must find less likely than the row's own title given the row's user.
 
     Args:
         items: by raw item id: `title`, `selling_points`, `brand`, `categories`, `description`.
@@ -211,19 +215,34 @@ def ground_rows(
     everything |= {items[item]["title"] for item in facts}
     everything = sorted(everything | {phrase for profile in profiles for phrase in profile})
     embedded = dict(zip(everything, encoder.encode(everything), strict=True))
-    result = GroundedRows([], [], [], [])
-    for row, vector, profile in zip(rows.itertuples(), interest, profiles, strict=True):
-        candidates, original = facts[row.item_id], items[row.item_id]["title"]
+
+    def title_for(item: str, vector: np.ndarray) -> tuple[str, list[str], str]:
+        candidates, original = facts[item], items[item]["title"]
         scores = np.array([float(embedded[f.text] @ vector) for f in candidates])
         above = float(embedded[original] @ vector)  # a fact must interest them more than the title does
-        ranked = [candidates[i] for i in np.argsort(scores)[::-1] if scores[i] > above]
-        title, used, template = compose(original, ranked)
+        return compose(original, [candidates[i] for i in np.argsort(scores)[::-1] if scores[i] > above])
+
+    others = _other_rows(rows["user_id"].to_numpy(), seed)
+    result = GroundedRows([], [], [], [], [])
+    for row, vector, profile, other in zip(rows.itertuples(), interest, profiles, others, strict=True):
+        title, used, template = title_for(row.item_id, vector)
         result.titles.append(title)
         result.facts.append(used)
         result.templates.append(template)
+        result.contrast_titles.append(title_for(row.item_id, interest[other])[0] if other >= 0 else "")
         scores = [float(embedded[phrase] @ vector) for phrase in profile]
         result.interests.append([profile[i] for i in np.argsort(scores)[::-1][:INTERESTS]])
     return result
+
+
+def _other_rows(users: np.ndarray, seed: int) -> np.ndarray:
+    """For each row, a seeded random row of another user (-1 when the sample has one user only)."""
+    rng = np.random.default_rng(seed)
+    others = rng.integers(0, len(users), len(users))
+    for row in np.flatnonzero(users[others] == users):  # few: redraw among the other users' rows
+        candidates = np.flatnonzero(users != users[row])
+        others[row] = rng.choice(candidates) if len(candidates) else -1
+    return others
 
 
 def _records(items: pd.DataFrame) -> Records:

@@ -274,6 +274,8 @@ def _grounded(
     if chat is None:
         return titled.assign(personalised_title=titled["grounded_title"]), failed
     key = ["user_id", "item_id"]
+    # An unpolished contrast title would differ from a polished one by its wording, for every user.
+    titled = titled.drop(columns="contrast_title")
     polished = run_stage(POLISH_STAGE, titled, PartStore(out / "polish", key), chat, **steps)
     titled = titled.merge(stage_values(polished, key, "personalised_title"), on=key, how="left")
     titled["personalised_title"] = titled["personalised_title"].fillna(titled["grounded_title"])

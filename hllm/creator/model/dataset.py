@@ -77,6 +77,7 @@ def history_before(data: SequenceData, user: int, item: int) -> np.ndarray:
 class Example:
     history: np.ndarray  # internal item ids, oldest first
     creative: Sequence
+    contrast: Sequence  # the prompt + another user's title (the prompt alone: no contrast)
     recon: Sequence
     profile: list[int]
     item: int  # internal id of the row's item
@@ -86,20 +87,29 @@ def make_examples(rows: pd.DataFrame, data: SequenceData, layout: PromptLayout) 
     """One example per row; an unknown user or item id is a one-line error naming it.
 
     A row whose title the filter rejected has no creative target: its creative sequence is the
-    prompt alone, every label IGNORE."""
+    prompt alone, every label IGNORE. Its contrast sequence holds `contrast_title` (written for
+    another user) when the row is kept and that title differs from its own, else the prompt alone."""
     examples = []
     for row in rows.itertuples(index=False):
         user, item = data.user_index(row.user_id), data.item_index(row.item_id)
         interests = list(row.interests) if row.interests is not None else []
+        prompt = layout.prompt(row.original_title, row.selling_points)
         creative = (
             layout.creative(row.original_title, row.selling_points, row.personalised_title)
             if row.kept
-            else layout.prompt(row.original_title, row.selling_points)
+            else prompt
+        )
+        other = getattr(row, "contrast_title", "") or ""
+        contrast = (
+            layout.creative(row.original_title, row.selling_points, other)
+            if row.kept and other and other != row.personalised_title
+            else prompt
         )
         examples.append(
             Example(
                 history_before(data, user, item),
                 creative,
+                contrast,
                 layout.recon(interests),
                 layout.profile(interests),
                 item,
@@ -173,6 +183,7 @@ class CreatorBatches:
         return CreatorBatch(
             history=pad_histories([example.history for example in chosen], self.max_history),
             creative=pad([example.creative for example in chosen], self.pad_id),
+            contrast=pad([example.contrast for example in chosen], self.pad_id),
             recon=pad([example.recon for example in chosen], self.pad_id),
             profile=pad([Sequence(e.profile, [0] * len(e.profile)) for e in chosen], self.pad_id),
             items=items,

@@ -34,6 +34,24 @@ def target_token_loss(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], T
     return F.cross_entropy(logits, next_labels[predicting])
 
 
+def sequence_log_likelihood(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor]) -> Tensor:
+    """Each row's summed log-probability of its labelled tokens (B,), 0 for a row with none."""
+    next_labels = labels[:, 1:]  # (B, T-1)
+    predicting = next_labels != IGNORE
+    logits = head(hidden[:, :-1][predicting]).float()  # (n, V)
+    token = -F.cross_entropy(logits, next_labels[predicting], reduction="none")  # (n,)
+    rows = predicting.nonzero()[:, 0]  # (n,) the row of each labelled token
+    return torch.zeros(len(labels), device=token.device).index_add(0, rows, token)
+
+
+def contrast_loss(own: Tensor, other: Tensor) -> Tensor:
+    """-log sigmoid(own - other): pairwise logistic loss on two titles' log-likelihoods (B,) each.
+
+    The titles are the teacher's for the row's user and for another user of the same item; only the
+    user position tells them apart, so the loss falls only by reading it."""
+    return -F.logsigmoid(own - other).mean()
+
+
 def align_loss(user: Tensor, profile: Tensor, scale: Tensor, *, threshold: float = 0.99) -> Tensor:
     """Symmetric InfoNCE between each row's user vector and its profile encoding, in-batch negatives.
 

@@ -3,7 +3,8 @@
 
 Losses (each weighted, 0 = off): creative (the target title), recon (the interest profile from the
 same projected user vector), align (InfoNCE between the user embedding and the LM's encoding of the profile),
-cls (user-item matching; scores (cluster, item) pairs at inference).
+cls (user-item matching; scores (cluster, item) pairs at inference), contrast (the row's title likelier
+than another user's title for the same item, given the row's user).
 Dims: B rows, L history, T tokens, Du User LLM width, H creative width, K negatives.
 """
 
@@ -20,7 +21,14 @@ from torch import Tensor, nn
 
 from hllm.creator.model.heads import Matcher
 from hllm.creator.model.layout import Padded, PromptLayout, Sequence, pad
-from hllm.creator.model.losses import IGNORE, align_loss, matching_loss, target_token_loss
+from hllm.creator.model.losses import (
+    IGNORE,
+    align_loss,
+    contrast_loss,
+    matching_loss,
+    sequence_log_likelihood,
+    target_token_loss,
+)
 from hllm.data.text import ItemTokens, pack_items
 from hllm.models.hllm import HLLM
 from hllm.models.losses import LogitScale
@@ -34,6 +42,7 @@ class LossWeights:
     recon: float = 0.0
     align: float = 0.0
     cls: float = 0.0
+    contrast: float = 0.0
 
 
 @dataclass
@@ -42,6 +51,7 @@ class CreatorBatch:
 
     history: Tensor  # (B, L) internal item ids, left-padded with 0
     creative: Padded  # prompt + target title
+    contrast: Padded  # prompt + another user's title for the same item (labels IGNORE: none)
     recon: Padded  # [USER] cue + profile
     profile: Padded  # profile + [END]; labels unused
     items: Tensor  # (B,) each row's item (the cls positive)
@@ -57,6 +67,7 @@ class CreatorBatch:
         return CreatorBatch(
             self.history.to(device),
             self.creative.to(device),
+            self.contrast.to(device),
             self.recon.to(device),
             self.profile.to(device),
             self.items.to(device),
@@ -205,9 +216,18 @@ class CreativeLLM(nn.Module):
         projected = self.projector(users)  # (B, H)
         head = self.lm.get_output_embeddings()
         losses: dict[str, Tensor] = {}
-        if self.weights.creative and (batch.creative.labels != IGNORE).any():  # no kept row: no target
-            hidden = self.hidden_states(batch.creative, self.embed(batch.creative, projected))
-            losses["creative"] = target_token_loss(hidden, batch.creative.labels, head)
+        contrasted = (batch.contrast.labels != IGNORE).any(-1)  # (B,) rows with another user's title
+        contrast = bool(self.weights.contrast and contrasted.any())
+        if (self.weights.creative or contrast) and (batch.creative.labels != IGNORE).any():  # a kept row
+            own = self.hidden_states(batch.creative, self.embed(batch.creative, projected))
+            if self.weights.creative:
+                losses["creative"] = target_token_loss(own, batch.creative.labels, head)
+            if contrast:
+                other = self.hidden_states(batch.contrast, self.embed(batch.contrast, projected))
+                losses["contrast"] = contrast_loss(
+                    sequence_log_likelihood(own, batch.creative.labels, head)[contrasted],
+                    sequence_log_likelihood(other, batch.contrast.labels, head)[contrasted],
+                )
         if self.weights.recon:
             hidden = self.hidden_states(batch.recon, self.embed(batch.recon, projected))
             losses["recon"] = target_token_loss(hidden, batch.recon.labels, head)

@@ -70,7 +70,7 @@ def build_creator(config: RunConfig, hllm: Run) -> CreativeLLM:
         lm,
         layout,
         user_width=hllm.model.user_encoder.model.config.hidden_size,
-        weights=LossWeights(weights.creative, weights.recon, weights.align, weights.cls),
+        weights=LossWeights(weights.creative, weights.recon, weights.align, weights.cls, weights.contrast),
         user_embedding=settings.user_embedding,
         train_hllm=settings.train_hllm,
         item_tokens=hllm.item_tokens,
