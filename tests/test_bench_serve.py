@@ -20,7 +20,8 @@ def test_two_artifacts_and_two_variants_in_one_run(tiny_artifact, tmp_path):
     other = copy_artifact(tiny_artifact, tmp_path / "other")
     report = tmp_path / "BENCH.md"
     pq_int8 = ["serve.index=pq", "serve.pq_codes=4", "serve.precision=int8"]
-    variants = [[], pq_int8]
+    only_other = ["other:", "serve.max_batch=4"]
+    variants = [[], pq_int8, only_other]
     records = bench_serve(
         [tiny_artifact, other],
         tmp_path / "out",
@@ -34,6 +35,7 @@ def test_two_artifacts_and_two_variants_in_one_run(tiny_artifact, tmp_path):
     )
     assert sorted((r["artifact"], r["variant"]) for r in records) == [
         ("other", ""),
+        ("other", "other: serve.max_batch=4"),
         ("other", " ".join(pq_int8)),
         ("tiny", ""),
         ("tiny", " ".join(pq_int8)),
@@ -45,6 +47,8 @@ def test_two_artifacts_and_two_variants_in_one_run(tiny_artifact, tmp_path):
         if row["variant"] == "":
             assert row["overlap@10"] == 1.0  # the first variant is the reference
             assert row["index"] == "exact" and row["precision"] == "fp32"
+        elif row["variant"] == " ".join(only_other):  # the artifact's default index, its own batches
+            assert row["artifact"] == "other" and row["index"] == "exact"
         else:  # its own index: 4 codes per item, 50 x 10 candidates re-ranked (all 40 items)
             assert row["index"] == "pq" and row["precision"] == "int8"
             assert row["settings"] == {"pq_codes": 4, "pq_rerank": 50}
@@ -53,6 +57,12 @@ def test_two_artifacts_and_two_variants_in_one_run(tiny_artifact, tmp_path):
     assert json.loads((tmp_path / "out" / "serve.json").read_text()) == json.loads(json.dumps(records))
     table = report.read_text()
     assert "| other | exact" in table and "| tiny | pq codes=4 rerank=50" in table and "overlap@10" in table
+
+
+def test_a_variant_limited_to_an_unknown_artifact_is_refused(tiny_artifact, tmp_path):
+    with pytest.raises(UserError, match="names no artifact"):
+        bench_serve([tiny_artifact], tmp_path, sizes=[ITEMS], kinds=["exact"], clients=[1], seconds=0.1,
+                    variants=[["nowhere:", "serve.max_batch=4"]])  # fmt: skip
 
 
 def test_artifacts_with_the_same_folder_name_are_refused(tiny_artifact, tmp_path):

@@ -83,7 +83,7 @@ def bench_serve(
     sizes: Annotated[
         str, typer.Option(help="Catalogue sizes (real + synthetic items).")
     ] = "10000,100000,1000000",
-    kinds: Annotated[str, typer.Option(help="Index kinds: exact, hnsw, ivf, pq.")] = "exact,ivf",
+    kinds: Annotated[str, typer.Option(help="Index kinds: exact, hnsw, hnsw-sq8, ivf, pq.")] = "exact,ivf",
     clients: Annotated[str, typer.Option(help="Concurrent HTTP clients per level.")] = "1,8,16",
     seconds: Annotated[float, typer.Option(help="Measured seconds per level.")] = 10.0,
     out: Annotated[Path, typer.Option(help="Scratch catalogues and serve.json.")] = Path("benchmarks/serve"),
@@ -92,7 +92,10 @@ def bench_serve(
     ),
     variant: Annotated[
         list[str] | None,
-        typer.Option(help="Compare servers: serve.* overrides of one, space-separated; repeat the option."),
+        typer.Option(
+            help="Compare servers: serve.* overrides of one, space-separated; repeat the option. A first "
+            "word NAME: limits it to the artifact in folder NAME."
+        ),
     ] = None,
     rounds: Annotated[int, typer.Option(help="Turns per level when comparing variants.")] = 1,
 ) -> None:
@@ -126,7 +129,7 @@ def bench_replay(
     out: Annotated[Path, typer.Option(help="New folder: artifact, served copies, replay.json.")] = Path(
         "benchmarks/new-items/replay"
     ),
-    kinds: Annotated[str, typer.Option(help="Index kinds: exact, hnsw, ivf, pq.")] = "exact,hnsw",
+    kinds: Annotated[str, typer.Option(help="Index kinds: exact, hnsw, hnsw-sq8, ivf, pq.")] = "exact,hnsw",
 ) -> None:
     """Online equals offline: serve RUN without its new items, add them via POST /items, replay the
     test users via POST /recommend, compare with the offline metrics."""

@@ -224,15 +224,18 @@ def bench_serve(
     out/serve.json (a rerun with the same settings replaces its rows) and to the `report` section.
 
     `overrides` are serve.* settings for the recall check and every server; each variant adds its
-    own (an index of its own too: `serve.index=pq`) and gets its own server per artifact, all up at
-    once and driven in turn (`rounds` times per level), each artifact with its own held-out
-    histories. With several variants, each one's top-10 is compared with the first variant's of the
-    same artifact over `agreement` held-out histories (overlap@10: does int8 or a shorter window
-    rank like fp32?).
+    own (an index of its own too: `serve.index=pq`) and gets its own server per artifact (or only for
+    the artifact its first word names: `NAME: serve.index=pq`), all up at once and driven in turn
+    (`rounds` times per level), each artifact with its own held-out histories. With several
+    variants, each one's top-10 is compared with the first variant's of the same artifact over
+    `agreement` held-out histories (overlap@10: does int8 or a shorter window rank like fp32?).
     """
     names = [Path(a).name for a in artifacts]
     if len(set(names)) < len(names):
         raise UserError(f"artifacts need distinct folder names, got {names}", where="ARTIFACTS")
+    for variant in variants:
+        if (only := _only_for(variant)) is not None and only not in names:
+            raise UserError(f"variant {' '.join(variant)!r} names no artifact of {names}", where="--variant")
     histories = {name: load_artifact(a, verify=False).histories for name, a in zip(names, artifacts)}
     path = out / "serve.json"
     records = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
@@ -245,10 +248,11 @@ def bench_serve(
             setups, servers = {}, {}
             try:
                 for name, folder in folders.items():
-                    setups |= index_variants(folder, name, kind, list(overrides), variants)
-                    for variant in variants:
+                    mine = [v for v in variants if _only_for(v) in (None, name)]
+                    setups |= index_variants(folder, name, kind, list(overrides), mine)
+                    for variant in mine:
                         servers[name, " ".join(variant)] = launch_server(
-                            folder, kind, overrides=[*overrides, *variant]
+                            folder, kind, overrides=[*overrides, *_settings(variant)]
                         )
                 for (name, _), (process, url) in servers.items():  # they start side by side
                     wait_healthy(process, url, folders[name])
@@ -277,6 +281,16 @@ def bench_serve(
     return records
 
 
+def _only_for(variant: list[str]) -> str | None:
+    """The artifact a variant is limited to (its first word `NAME:`), or None: every artifact."""
+    return variant[0][:-1] if variant and variant[0].endswith(":") else None
+
+
+def _settings(variant: list[str]) -> list[str]:
+    """A variant's serve.* overrides, without its `NAME:` limit."""
+    return variant[1:] if _only_for(variant) is not None else variant
+
+
 def index_variants(
     folder: Path, name: str, kind: str, overrides: list[str], variants: list[list[str]]
 ) -> dict[tuple[str, str], tuple[ServeConfig, dict]]:
@@ -286,7 +300,9 @@ def index_variants(
     loaded = load_artifact(folder, overrides)
     reports, setups = {}, {}
     for variant in variants:
-        serve = load_config(folder / "config.yaml", [*overrides, f"serve.index={kind}", *variant]).serve
+        serve = load_config(
+            folder / "config.yaml", [*overrides, f"serve.index={kind}", *_settings(variant)]
+        ).serve
         key = json.dumps(settings_of(serve), sort_keys=True)
         if key not in reports:
             configured = replace(loaded, config=replace(loaded.config, serve=serve))
