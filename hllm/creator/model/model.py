@@ -220,14 +220,12 @@ class CreativeLLM(nn.Module):
         contrast = bool(self.weights.contrast and contrasted.any())
         if (self.weights.creative or contrast) and (batch.creative.labels != IGNORE).any():  # a kept row
             own = self.hidden_states(batch.creative, self.embed(batch.creative, projected))
-            if self.weights.creative:
-                losses["creative"] = target_token_loss(own, batch.creative.labels, head)
+            own_total = sequence_log_likelihood(own, batch.creative.labels, head)  # (B,) one LM head pass
+            losses["creative"] = -own_total.sum() / (batch.creative.labels[:, 1:] != IGNORE).sum()
             if contrast:
                 other = self.hidden_states(batch.contrast, self.embed(batch.contrast, projected))
-                losses["contrast"] = contrast_loss(
-                    sequence_log_likelihood(own, batch.creative.labels, head)[contrasted],
-                    sequence_log_likelihood(other, batch.contrast.labels, head)[contrasted],
-                )
+                other_total = sequence_log_likelihood(other, batch.contrast.labels, head)
+                losses["contrast"] = contrast_loss(own_total[contrasted], other_total[contrasted])
         if self.weights.recon:
             hidden = self.hidden_states(batch.recon, self.embed(batch.recon, projected))
             losses["recon"] = target_token_loss(hidden, batch.recon.labels, head)
