@@ -123,7 +123,7 @@ def test_bad_model_settings_exit_2(cycle_data, tmp_path):
 
 def test_option_values_are_checked_against_the_config_choices(tmp_path):
     code, _, err = run_cli("index", tmp_path, "--kind", "annoy")
-    assert_one_line_error(code, err, "--kind", "'annoy'", "exact, hnsw, ivf")
+    assert_one_line_error(code, err, "--kind", "'annoy'", "exact, hnsw, hnsw-sq8, ivf")
     code, _, err = run_cli("bench", "speed", "--modes", "finetune,bogus", "--out", tmp_path)
     assert_one_line_error(code, err, "--modes", "'bogus'", "finetune, lora, frozen")
     code, _, err = run_cli("bench", "serve", tmp_path, "--clients", "1,x", "--out", tmp_path)
