@@ -338,3 +338,21 @@ def test_contrast_loss_trains_the_user_projector(hllm_run):
     off = batches_of(model, hllm_run, cycle_rows(hllm_run.data), shuffle=False)[0]  # no contrast titles
     model.training_loss(off)
     assert "contrast_loss" not in model.last_stats
+
+
+def test_contrast_loss_is_chance_when_the_user_adds_nothing(hllm_run):
+    """The loss compares what the user adds to each title over the no-user reference: a user
+    position that holds what it holds without a user adds nothing, whatever the titles' own odds."""
+    model = tiny_creator(hllm_run, **{"creator.loss.contrast": 1.0, "creator.loss.cls": 0.0})
+    model.cache_item_table()
+    placeholder = model.lm.get_input_embeddings().weight[model.layout.placeholder].detach()
+
+    class Placeholder(nn.Module):
+        def forward(self, users: torch.Tensor) -> torch.Tensor:
+            return placeholder.expand(len(users), -1)
+
+    model.projector = Placeholder()
+    batch = batches_of(model, hllm_run, contrast_rows(hllm_run.data), shuffle=False)[0]
+    with torch.no_grad():
+        model.training_loss(batch)
+    assert model.last_stats["contrast_loss"] == pytest.approx(math.log(2), abs=1e-5)

@@ -45,10 +45,14 @@ def sequence_log_likelihood(hidden: Tensor, labels: Tensor, head: Callable[[Tens
 
 
 def contrast_loss(own: Tensor, other: Tensor) -> Tensor:
-    """-log sigmoid(own - other): pairwise logistic loss on two titles' log-likelihoods (B,) each.
+    """-log sigmoid(own - other), mean over rows: a pairwise logistic loss on what the row's user adds
+    to two titles' log-likelihoods (B,) each, the teacher's title for this user and its title for
+    another user of the same item.
 
-    The titles are the teacher's for the row's user and for another user of the same item; only the
-    user position tells them apart, so the loss falls only by reading it."""
+    Each is a gain over the same model without the user (as DPO's reference policy): on raw
+    log-likelihoods the titles' own probabilities (length, wording) dominate the difference, and a
+    first run on them (weight 1) pulled the LM off its titles (held-out creative loss 0.69 against
+    0.12; hallucination 0.62)."""
     return -F.logsigmoid(own - other).mean()
 
 

@@ -3,8 +3,8 @@
 
 Losses (each weighted, 0 = off): creative (the target title), recon (the interest profile from the
 same projected user vector), align (InfoNCE between the user embedding and the LM's encoding of the profile),
-cls (user-item matching; scores (cluster, item) pairs at inference), contrast (the row's title likelier
-than another user's title for the same item, given the row's user).
+cls (user-item matching; scores (cluster, item) pairs at inference), contrast (the row's user must raise
+its own title's likelihood more than another user's title for the same item, over the no-user reference).
 Dims: B rows, L history, T tokens, Du User LLM width, H creative width, K negatives.
 """
 
@@ -225,7 +225,11 @@ class CreativeLLM(nn.Module):
             if contrast:
                 other = self.hidden_states(batch.contrast, self.embed(batch.contrast, projected))
                 other_total = sequence_log_likelihood(other, batch.contrast.labels, head)
-                losses["contrast"] = contrast_loss(own_total[contrasted], other_total[contrasted])
+                gains = [
+                    total - self._without_user(padded, head)
+                    for total, padded in ((own_total, batch.creative), (other_total, batch.contrast))
+                ]
+                losses["contrast"] = contrast_loss(*(gain[contrasted] for gain in gains))
         if self.weights.recon:
             hidden = self.hidden_states(batch.recon, self.embed(batch.recon, projected))
             losses["recon"] = target_token_loss(hidden, batch.recon.labels, head)
@@ -245,6 +249,13 @@ class CreativeLLM(nn.Module):
         total = sum(getattr(self.weights, name) * value for name, value in losses.items())
         self.last_stats = {f"{name}_loss": value.item() for name, value in losses.items()}
         return total
+
+    @torch.no_grad()
+    def _without_user(self, padded: Padded, head: nn.Module) -> Tensor:
+        """The reference of the contrast loss: each row's title log-likelihood (B,) with no user."""
+        return sequence_log_likelihood(
+            self.hidden_states(padded, self.embed(padded, None)), padded.labels, head
+        )
 
     @torch.no_grad()
     def generate(
