@@ -20,12 +20,14 @@ from hllm.creator.data.grounded import (
     UNCHANGED,
     Fact,
     GroundedRows,
+    PhraseEncoder,
     compose,
     ground_rows,
     item_facts,
 )
 from hllm.creator.data.hallucination import check_title, collect_brands
 from hllm.creator.data.teacher import read_catalogue
+from hllm.models.backbone import load_backbone
 
 
 class HashEncoder:
@@ -161,3 +163,14 @@ def test_a_fact_that_interests_the_user_less_than_the_title_itself_is_not_added(
     grounded = _ground_one_rack_for_two_users("Glass Beaker Rack", "", "fits steel rods")
     assert grounded.titles == ["Glass Beaker Rack", "Glass Beaker Rack | Fits steel rods"]
     assert grounded.templates == [UNCHANGED, "one_fact"]
+
+
+def test_an_empty_title_is_a_zero_row_and_never_reaches_the_encoder(monkeypatch) -> None:
+    """A Creator can write an empty title; a tokenizer without BOS gives it no token to pool."""
+    encoder = PhraseEncoder(load_backbone("tiny-llama"))
+    calls = []
+    model = encoder.backbone.model
+    monkeypatch.setattr(model, "forward", lambda *a, _f=model.forward, **k: calls.append(1) or _f(*a, **k))
+    assert not encoder.encode(["", "  "]).any() and not calls
+    rows = encoder.encode(["", "glass flask"])
+    assert not rows[0].any() and np.linalg.norm(rows[1]) == pytest.approx(1.0, abs=1e-5) and calls == [1]

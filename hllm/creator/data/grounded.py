@@ -106,8 +106,11 @@ class PhraseEncoder:
 
     @torch.no_grad()
     def encode(self, phrases: list[str]) -> np.ndarray:
-        """(P, D) float32 rows, in the order given."""
+        """(P, D) float32 rows, in the order given; an empty phrase (a Creator can write an empty
+        title) is a zero row: no tokens to pool, cosine 0 with anything."""
         missing = sorted({p for p in phrases if p not in self.cache}, key=len)  # similar lengths batch
+        self.cache.update((p, np.zeros(self.width, np.float32)) for p in missing if not p.strip())
+        missing = [p for p in missing if p.strip()]
         tokenizer, model = self.backbone.tokenizer, self.backbone.model.eval()
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
