@@ -66,7 +66,7 @@ class UserEncoder(nn.Module):
             return self._final_layer_at_last_position(embeddings, mask)
         hidden = self(embeddings, mask)  # (B, L, D)
         positions = torch.arange(mask.shape[-1], device=mask.device)
-        last = torch.where(mask.bool(), positions, -1).amax(-1).clamp(min=0)  # (B,)
+        last = torch.where(mask, positions, -1).amax(-1).clamp(min=0)  # (B,)
         return hidden[torch.arange(len(hidden), device=hidden.device), last]
 
     def _final_layer_at_last_position(self, embeddings: Tensor, mask: Tensor) -> Tensor:
@@ -106,7 +106,7 @@ class UserEncoder(nn.Module):
             attn_mask=mask[:, None, None, :],
             scale=attention.scaling,
             enable_gqa=attention.num_key_value_groups > 1,
-        )  # (B, H, 1, head_dim)  fmt: skip
+        )  # (B, H, 1, head_dim)
         last = hidden[:, -1] + attention.o_proj(attended.flatten(1))  # (B, D)
         last = last + final.mlp(final.post_attention_layernorm(last))
         return model.norm(last)
