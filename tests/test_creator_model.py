@@ -21,7 +21,6 @@ from hllm.creator.model.losses import (
     align_loss,
     contrast_loss,
     matching_loss,
-    not_in_other,
     sequence_log_likelihood,
     target_token_loss,
 )
@@ -357,16 +356,3 @@ def test_contrast_loss_is_chance_when_the_user_adds_nothing(hllm_run):
     with torch.no_grad():
         model.training_loss(batch)
     assert model.last_stats["contrast_loss"] == pytest.approx(math.log(2), abs=1e-5)
-
-
-def test_the_contrast_counts_only_the_words_one_title_has_and_the_other_lacks():
-    own = torch.tensor([[IGNORE, 5, 6, 7, 2], [IGNORE, 5, 6, 2, IGNORE]])  # 2 = end of title
-    other = torch.tensor([[IGNORE, 8, 5, 6, 2], [IGNORE, 5, 6, 2, IGNORE]])  # row 1: the same title
-    assert not_in_other(own, other).tolist() == [[False, False, False, True, False], [False] * 5]
-    assert not_in_other(other, own).tolist() == [[False, True, False, False, False], [False] * 5]
-    hidden = torch.randn(2, 5, 9)
-    whole = sequence_log_likelihood(hidden, own, nn.Identity())
-    only = sequence_log_likelihood(hidden, own, nn.Identity(), not_in_other(own, other))
-    expected = torch.log_softmax(hidden[0, 2], -1)[7]  # position 2 predicts the 7, the only new word
-    torch.testing.assert_close(only, torch.stack([expected, torch.tensor(0.0)]))
-    assert (whole < only).all()  # fewer (negative) log-probabilities summed

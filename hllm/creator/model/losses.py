@@ -34,26 +34,14 @@ def target_token_loss(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], T
     return F.cross_entropy(logits, next_labels[predicting])
 
 
-def sequence_log_likelihood(
-    hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor], counted: Tensor | None = None
-) -> Tensor:
-    """Each row's summed log-probability of its labelled tokens (B,), 0 for a row with none;
-    `counted` (B, T) bool keeps only some of them in the sum."""
+def sequence_log_likelihood(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor]) -> Tensor:
+    """Each row's summed log-probability of its labelled tokens (B,), 0 for a row with none."""
     next_labels = labels[:, 1:]  # (B, T-1)
     predicting = next_labels != IGNORE
-    if counted is not None:
-        predicting &= counted[:, 1:]
     logits = head(hidden[:, :-1][predicting]).float()  # (n, V)
     token = -F.cross_entropy(logits, next_labels[predicting], reduction="none")  # (n,)
     rows = predicting.nonzero()[:, 0]  # (n,) the row of each labelled token
     return torch.zeros(len(labels), device=token.device).index_add(0, rows, token)
-
-
-def not_in_other(labels: Tensor, other: Tensor) -> Tensor:
-    """(B, T) True at each labelled token of `labels` whose id is nowhere among `other`'s labelled
-    tokens of the same row (B, T'): the words one title has and the other lacks."""
-    shared = (labels.unsqueeze(-1) == other.unsqueeze(1)) & (other != IGNORE).unsqueeze(1)  # (B, T, T')
-    return (labels != IGNORE) & ~shared.any(-1)
 
 
 def contrast_loss(own: Tensor, other: Tensor) -> Tensor:
@@ -64,9 +52,7 @@ def contrast_loss(own: Tensor, other: Tensor) -> Tensor:
     Each is a gain over the same model without the user (as DPO's reference policy): on raw
     log-likelihoods the titles' own probabilities (length, wording) dominate the difference, and a
     first run on them (weight 1) pulled the LM off its titles (held-out creative loss 0.69 against
-    0.12; hallucination 0.62). The sums cover only the tokens one title has and the other lacks
-    (`not_in_other`): pushing the other title's shared words down pushed the original title's words
-    down too, and the LM stopped copying them (BENCHMARKS.md)."""
+    0.12; hallucination 0.62)."""
     return -F.logsigmoid(own - other).mean()
 
 

@@ -4,8 +4,7 @@
 Losses (each weighted, 0 = off): creative (the target title), recon (the interest profile from the
 same projected user vector), align (InfoNCE between the user embedding and the LM's encoding of the profile),
 cls (user-item matching; scores (cluster, item) pairs at inference), contrast (the row's user must raise
-the likelihood of its own title's distinguishing words more than of another user's title's for the
-same item, over the no-user reference).
+its own title's likelihood more than another user's title for the same item, over the no-user reference).
 Dims: B rows, L history, T tokens, Du User LLM width, H creative width, K negatives.
 """
 
@@ -27,7 +26,6 @@ from hllm.creator.model.losses import (
     align_loss,
     contrast_loss,
     matching_loss,
-    not_in_other,
     sequence_log_likelihood,
     target_token_loss,
 )
@@ -225,16 +223,11 @@ class CreativeLLM(nn.Module):
             own_total = sequence_log_likelihood(own, batch.creative.labels, head)  # (B,) one LM head pass
             losses["creative"] = -own_total.sum() / (batch.creative.labels[:, 1:] != IGNORE).sum()
             if contrast:
-                own_labels, other_labels = batch.creative.labels, batch.contrast.labels
                 other = self.hidden_states(batch.contrast, self.embed(batch.contrast, projected))
-                pairs = (
-                    (own, batch.creative, not_in_other(own_labels, other_labels)),
-                    (other, batch.contrast, not_in_other(other_labels, own_labels)),
-                )
-                gains = [  # what the user adds to the words that tell the two titles apart
-                    sequence_log_likelihood(hidden, padded.labels, head, differing)
-                    - self._without_user(padded, head, differing)
-                    for hidden, padded, differing in pairs
+                other_total = sequence_log_likelihood(other, batch.contrast.labels, head)
+                gains = [
+                    total - self._without_user(padded, head)
+                    for total, padded in ((own_total, batch.creative), (other_total, batch.contrast))
                 ]
                 losses["contrast"] = contrast_loss(*(gain[contrasted] for gain in gains))
         if self.weights.recon:
@@ -258,11 +251,11 @@ class CreativeLLM(nn.Module):
         return total
 
     @torch.no_grad()
-    def _without_user(self, padded: Padded, head: nn.Module, counted: Tensor) -> Tensor:
-        """The reference of the contrast loss: each row's log-likelihood (B,) of the `counted` title
-        tokens with no user."""
-        hidden = self.hidden_states(padded, self.embed(padded, None))
-        return sequence_log_likelihood(hidden, padded.labels, head, counted)
+    def _without_user(self, padded: Padded, head: nn.Module) -> Tensor:
+        """The reference of the contrast loss: each row's title log-likelihood (B,) with no user."""
+        return sequence_log_likelihood(
+            self.hidden_states(padded, self.embed(padded, None)), padded.labels, head
+        )
 
     @torch.no_grad()
     def generate(
