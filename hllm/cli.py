@@ -18,11 +18,12 @@ from rich.table import Table
 
 from hllm.bench.commands import bench_app
 from hllm.cli_options import Overrides, choice
-from hllm.config import ServeConfig, dump_config, load_config
+from hllm.config import dump_config, load_config
 from hllm.config_fields import choices
 from hllm.creator.commands import creator_app
 from hllm.data.dataset import prepare_dataset
 from hllm.errors import UserError
+from hllm.serve_config import ServeConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configurations.")

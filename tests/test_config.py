@@ -8,13 +8,13 @@ import pytest
 
 from hllm.config import (
     ItemConfig,
-    ServeConfig,
     absolute_paths,
     check_data_moved,
     load_config,
 )
 from hllm.config_fields import choices
 from hllm.errors import UserError
+from hllm.serve_config import ServeConfig
 
 REPO = Path(__file__).parents[1]
 

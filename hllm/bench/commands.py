@@ -10,8 +10,9 @@ from typing import Annotated
 import typer
 
 from hllm.cli_options import Overrides, choice, names, numbers
-from hllm.config import ItemConfig, ServeConfig
+from hllm.config import ItemConfig
 from hllm.config_fields import choices
+from hllm.serve_config import ServeConfig
 
 bench_app = typer.Typer(
     invoke_without_command=True, help="Benchmarks: the model suite (default) and its sub-benchmarks."

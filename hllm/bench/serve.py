@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 
 from hllm.bench.report import write_markdown_section
-from hllm.config import ServeConfig, load_config
+from hllm.config import load_config
 from hllm.errors import UserError
 from hllm.files import write_json
+from hllm.serve_config import ServeConfig
 from hllm.serving.export import load_artifact, read_manifest, write_catalogue, write_manifest
 from hllm.serving.index import index_artifact, settings_of
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from hllm.config import ServeConfig
 from hllm.errors import UserError
 from hllm.files import atomic_write, write_json
+from hllm.serve_config import ServeConfig
 from hllm.serving.export import Artifact, encode_histories
 
 OVERLAP_K = 10
