@@ -28,10 +28,7 @@ def target_token_loss(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], T
         labels: (B, T) token ids, IGNORE where the token is not a target.
         head: the LM head, (n, H) -> (n, V).
     """
-    next_labels = labels[:, 1:]  # (B, T-1)
-    predicting = next_labels != IGNORE
-    logits = head(hidden[:, :-1][predicting]).float()  # (n, V)
-    return F.cross_entropy(logits, next_labels[predicting])
+    return mean_token_loss(sequence_log_likelihood(hidden, labels, head), labels)
 
 
 def sequence_log_likelihood(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor]) -> Tensor:
@@ -42,6 +39,12 @@ def sequence_log_likelihood(hidden: Tensor, labels: Tensor, head: Callable[[Tens
     token = -F.cross_entropy(logits, next_labels[predicting], reduction="none")  # (n,)
     rows = predicting.nonzero()[:, 0]  # (n,) the row of each labelled token
     return torch.zeros(len(labels), device=token.device).index_add(0, rows, token)
+
+
+def mean_token_loss(row_log_likelihoods: Tensor, labels: Tensor) -> Tensor:
+    """The causal LM loss from each row's summed log-likelihood (B,): minus their sum over the
+    labelled tokens' count."""
+    return -row_log_likelihoods.sum() / (labels[:, 1:] != IGNORE).sum()
 
 
 def contrast_loss(own: Tensor, other: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ from hllm.creator.model.losses import (
     align_loss,
     contrast_loss,
     matching_loss,
+    mean_token_loss,
     sequence_log_likelihood,
     target_token_loss,
 )
@@ -221,7 +222,7 @@ class CreativeLLM(nn.Module):
         if (self.weights.creative or contrast) and (batch.creative.labels != IGNORE).any():  # a kept row
             own = self.hidden_states(batch.creative, self.embed(batch.creative, projected))
             own_total = sequence_log_likelihood(own, batch.creative.labels, head)  # (B,) one LM head pass
-            losses["creative"] = -own_total.sum() / (batch.creative.labels[:, 1:] != IGNORE).sum()
+            losses["creative"] = mean_token_loss(own_total, batch.creative.labels)
             if contrast:
                 other = self.hidden_states(batch.contrast, self.embed(batch.contrast, projected))
                 other_total = sequence_log_likelihood(other, batch.contrast.labels, head)
