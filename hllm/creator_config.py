@@ -79,6 +79,9 @@ class CreativeModelConfig:
     """Original and target titles are cut to this many tokens."""
     max_profile_tokens: int = positive(48)
     """The interest profile (recon and align targets) is cut to this many tokens."""
+    init_from: str = ""
+    """A Creator run folder (`hllm creator train`) whose best weights start this run: a second stage,
+    e.g. the contrast loss on a Creator that already writes sound titles."""
 
 
 @dataclass
@@ -117,6 +120,9 @@ class CreativeTrainConfig:
     """Share of users held out (all their rows) for validation and `hllm creator evaluate`."""
     seed: int = 0
     """Seed of the held-out user draw."""
+    lm_lr: float | None = at_least(0, None)
+    """Learning rate of the Creative LLM's own weights (LoRA or all); null: `train.lr`, as the
+    projector and heads; 0: frozen, only the user projector and the heads learn."""
 
 
 @dataclass

@@ -10,7 +10,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,30 +68,35 @@ class Job:
     metric: str
     maximise: bool = True
     ready: Callable[[nn.Module], None] = lambda model: None  # caches, once the model is on its device
+    rates: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> its learning rate
 
 
-def param_groups(model: nn.Module, weight_decay: float, item_lr: float | None = None) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, rates: dict[str, float] | None = None) -> list[dict]:
     """No weight decay on norms, biases, embeddings and the temperature (the reference decayed all);
-    the Item LLM's weights at `item_lr` when one is given."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    a parameter inside a module path of `rates` (at any depth) trains at its learning rate: the Item
+    LLM at `train.item_lr`, the Creative LLM at `creator.train.lm_lr`."""
+    rates = rates or {}
+    groups: dict[tuple[bool, str], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
             skip = param.ndim < 2 or any(key in name.lower() for key in NO_DECAY)
-            is_item = item_lr is not None and ITEM_LLM in name
-            groups.setdefault((skip, is_item), []).append(param)
+            prefix = next((p for p in rates if name.startswith(p) or f".{p}" in name), "")
+            groups.setdefault((skip, prefix), []).append(param)
     return [
-        {"params": params, "weight_decay": 0.0 if skip else weight_decay, "lr": item_lr}
-        if is_item
-        else {"params": params, "weight_decay": 0.0 if skip else weight_decay}
-        for (skip, is_item), params in sorted(groups.items())
+        {"params": params, "weight_decay": 0.0 if skip else weight_decay}
+        | ({"lr": rates[prefix]} if prefix else {})
+        for (skip, prefix), params in sorted(groups.items())
     ]
 
 
-def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module, config: RunConfig, rates: dict[str, float] | None = None
+) -> torch.optim.AdamW:
     """AdamW over `param_groups`, fused into one kernel per step where torch has it (CPU from 2.4):
     5% of a MiniLM fine-tuning step on 2 CPU cores, measured by `hllm bench speed`'s profile."""
     fused = TorchVersion(torch.__version__) >= "2.4"
-    groups = param_groups(model, config.train.weight_decay, config.train.item_lr)
+    item = {ITEM_LLM: config.train.item_lr} if config.train.item_lr is not None else {}
+    groups = param_groups(model, config.train.weight_decay, item | (rates or {}))
     return torch.optim.AdamW(groups, lr=config.train.lr, fused=fused)
 
 
@@ -200,7 +205,7 @@ def run_training(config: RunConfig, prepare: Callable[[L.Fabric], Job], *, resum
         for name, text in job.files.items():
             write_text(folder / name, text)
     share_negatives(job.model, fabric)
-    optimizer = make_optimizer(job.model, config)
+    optimizer = make_optimizer(job.model, config, job.rates)
     scheduler = training_schedule(optimizer, config, len(job.batches))
     model, optimizer = fabric.setup(job.model, optimizer)
     # Route training_loss through the wrapper's forward so DDP/FSDP hooks (gradient sync) run.

@@ -374,3 +374,29 @@ def test_creator_trains_under_bf16_autocast_when_asked(workspace, tmp_path, monk
     assert len(seen) > steps  # the held-out loss ran too, outside autocast
     metrics = json.loads((run / "metrics.json").read_text())
     assert np.isfinite(metrics["valid_history"][-1]["loss"])
+
+
+def test_a_second_stage_starts_from_a_creator_run_with_the_lm_frozen(creator_run, workspace, tmp_path):
+    """`creator.model.init_from` loads a run's best weights before the first step and
+    `creator.train.lm_lr=0` keeps the LM's LoRA weights there while the projector learns (fresh
+    LoRA weights could not equal trained ones)."""
+    from hllm.creator.model.training import fit_creator
+
+    overrides = [
+        *workspace["overrides"],
+        f"out_dir={tmp_path}",
+        f"creator.model.init_from={creator_run}",
+        "creator.train.lm_lr=0",
+        "train.max_steps=2",
+    ]
+    result = fit_creator(load_config(workspace["config"], overrides))
+    start = torch.load(creator_run / "checkpoints" / "best.ckpt", weights_only=False)["model"]
+    after = torch.load(tmp_path / "creator" / "checkpoints" / "last.ckpt", weights_only=False)["model"]
+    lora = [key for key in start if "lora_" in key]
+    assert lora and all(torch.equal(after[key], start[key]) for key in lora)
+    assert not torch.equal(after["projector.weight"], start["projector.weight"])
+    assert result["trainable_params"] == sum(
+        value.numel()
+        for key, value in start.items()
+        if key.startswith(("projector", "matcher", "align", "end"))
+    )

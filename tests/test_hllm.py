@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from hllm.config import load_config
 from hllm.data.dataset import prepare_dataset
@@ -184,3 +185,29 @@ def test_negatives_that_need_a_cached_item_side_are_refused(overrides, match):
     with pytest.raises(UserError, match=match):
         load_config(None, overrides)
     assert load_config(None, ["model.kind=hllm-id", "train.negatives=catalogue"]).model.kind == "hllm-id"
+
+
+def test_param_groups_give_each_module_path_its_own_learning_rate():
+    """A prefix matches a module path at any depth ("item_encoder." inside "hllm."), never a name
+    that merely contains it ("hllm." is not "lm."); norms and biases are not decayed."""
+    model = nn.ModuleDict(
+        {
+            "lm": nn.Linear(2, 2),
+            "hllm": nn.ModuleDict({"item_encoder": nn.Linear(2, 2), "head": nn.Linear(2, 2)}),
+        }
+    )
+    names = {id(param): name for name, param in model.named_parameters()}
+    groups = param_groups(model, 0.1, {"lm.": 1e-4, "item_encoder.": 1e-5})
+    found = {
+        names[id(param)]: (group.get("lr"), group["weight_decay"])
+        for group in groups
+        for param in group["params"]
+    }
+    assert found == {
+        "lm.weight": (1e-4, 0.1),
+        "lm.bias": (1e-4, 0.0),
+        "hllm.item_encoder.weight": (1e-5, 0.1),
+        "hllm.item_encoder.bias": (1e-5, 0.0),
+        "hllm.head.weight": (None, 0.1),
+        "hllm.head.bias": (None, 0.0),
+    }

@@ -35,6 +35,7 @@ from hllm.runs import Run, checkpoint_path, load_run, model_weights, run_config
 from hllm.train import Job, run_training
 
 CREATOR_SECTIONS = ("name", "out_dir", "train", "eval", "creator")
+LM = "lm."  # parameter-name prefix of the Creative LLM (LoRA or all its weights)
 
 
 def load_hllm(config: RunConfig) -> Run:
@@ -105,6 +106,11 @@ def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = N
         run = hllm or load_hllm(config)
         held_out = held_out_users(rows, config.creator.train.holdout, config.creator.train.seed)
         model = build_creator(config, run)
+        if config.creator.model.init_from:
+            load_weights(model, config, Path(config.creator.model.init_from), "best")
+        lm_lr = config.creator.train.lm_lr
+        if lm_lr == 0:
+            model.lm.requires_grad_(False)
         usable = trainable_rows(rows)
         training, validating = (
             usable[~usable["user_id"].isin(held_out)],
@@ -148,6 +154,7 @@ def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = N
             metric="loss",
             maximise=False,
             ready=lambda model: model.cache_item_table(batch_size=config.eval.item_batch_size),
+            rates={LM: lm_lr} if lm_lr else {},
         )
 
     return run_training(config, prepare, resume=resume)
@@ -203,12 +210,9 @@ def validation_loss(model: CreativeLLM, batches: CreatorBatches, device: torch.d
     return totals
 
 
-def load_creator(folder: str | Path, *, checkpoint: str = "best", hllm: Run | None = None) -> CreatorRun:
-    """Rebuild a trained Creator run (its HLLM run included) and load the chosen checkpoint."""
-    folder = Path(folder)
-    config = run_config(folder)
-    hllm = hllm or load_hllm(config)
-    model = build_creator(config, hllm)
+def load_weights(model: CreativeLLM, config: RunConfig, folder: Path, checkpoint: str) -> None:
+    """A Creator run's checkpoint into `model`; a projector for another User LLM width is a one-line
+    error."""
     weights = model_weights(folder, checkpoint)
     expected = tuple(model.projector.weight.shape)
     found = tuple(weights.get("projector.weight", torch.empty(0)).shape)
@@ -219,6 +223,15 @@ def load_creator(folder: str | Path, *, checkpoint: str = "best", hllm: Run | No
             where=str(checkpoint_path(folder, checkpoint)),
         )
     model.load_state_dict(weights)
+
+
+def load_creator(folder: str | Path, *, checkpoint: str = "best", hllm: Run | None = None) -> CreatorRun:
+    """Rebuild a trained Creator run (its HLLM run included) and load the chosen checkpoint."""
+    folder = Path(folder)
+    config = run_config(folder)
+    hllm = hllm or load_hllm(config)
+    model = build_creator(config, hllm)
+    load_weights(model, config, folder, checkpoint)
     model.cache_item_table(batch_size=config.eval.item_batch_size)
     split = folder / "split.json"
     if not split.is_file():
