@@ -55,6 +55,10 @@ class CreatorDataConfig:
     """Grounded teacher: the frozen encoder (mean-pooled) that matches item phrases to a user's history."""
     polish: Literal["none", "local", "openai"] = "none"
     """Grounded teacher: an LLM backend (with the teacher's model settings) that rewords each title."""
+    interest_run: str = ""
+    """Grounded teacher: an HLLM run folder. A user's interest becomes that run's user embedding mapped
+    into the encoder's space (ridge regression fit on the sampled users' history means; grounded-v3),
+    so a title depends only on what a Creator built on that run reads. Empty: the history mean itself."""
 
 
 @dataclass

@@ -11,6 +11,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from fastapi.responses import JSONResponse
@@ -197,6 +198,27 @@ def test_grounded_backend_titles_every_row_from_its_item_text_without_an_llm(sci
     assert not (tmp_path / "profile").exists()  # no LLM stage ran
     with pytest.raises(UserError, match="set --polish"):
         build_data(scientific, replace(GROUNDED, verify=True), LLMConfig(backend="grounded"), tmp_path / "v")
+
+
+def test_grounded_v3_reads_the_interest_from_the_named_hllm_runs_user_embeddings(
+    scientific, tmp_path, monkeypatch
+):
+    """`creator.data.interest_run`: the run's embedding of every row's user reaches the teacher (one
+    embedding for all: nobody can be told apart, so every title stays the original), and the folder
+    records grounded-v3 and the run."""
+    from hllm import runs
+    from hllm.creator import evaluate
+
+    seen = []
+    monkeypatch.setattr(runs, "load_run", lambda folder: seen.append(folder) or "run")
+    monkeypatch.setattr(evaluate, "hllm_user_embeddings", lambda run, rows: np.ones((len(rows), 4)))
+    settings = replace(GROUNDED, interest_run=str(tmp_path / "hllm"))
+    report = build_data(scientific, settings, LLMConfig(backend="grounded"), tmp_path / "data")
+    rows = pd.read_parquet(tmp_path / "data" / "rows.parquet")
+    assert seen == [str(tmp_path / "hllm")] and report["rows"] == len(rows) == 6
+    assert (rows["personalised_title"] == rows["original_title"]).all()
+    assert report["prompts"]["rewrite"] == "grounded-v3"
+    assert report["interest_run"] == str((tmp_path / "hllm").resolve())
 
 
 class PolishingChat:

@@ -24,6 +24,7 @@ from hllm.creator.data.grounded import (
     compose,
     ground_rows,
     item_facts,
+    mapped_interest,
 )
 from hllm.creator.data.hallucination import check_title, collect_brands
 from hllm.creator.data.teacher import read_catalogue
@@ -101,7 +102,9 @@ def test_the_templates_add_only_their_connectors_which_the_filter_allows() -> No
     assert verdict.kept, verdict.reasons
 
 
-def _ground_one_rack_for_two_users(title: str, brand: str, description: str) -> GroundedRows:
+def _ground_one_rack_for_two_users(
+    title: str, brand: str, description: str, hllm_users: np.ndarray | None = None
+) -> GroundedRows:
     """The rack titled for u1 (who bought a glass flask) and u2 (a steel clamp), by `TopicEncoder`."""
     points = (f"brand: {brand}; " if brand else "") + f"description: {description}"
     items = pd.DataFrame(
@@ -117,7 +120,7 @@ def _ground_one_rack_for_two_users(title: str, brand: str, description: str) -> 
     rows = pd.DataFrame(
         {"user_id": ["u1", "u2"], "item_id": ["rack", "rack"], "history_item_ids": [["flask"], ["clamp"]]}
     )
-    return ground_rows(rows, items, TopicEncoder(), fact_chars=400)
+    return ground_rows(rows, items, TopicEncoder(), fact_chars=400, hllm_users=hllm_users)
 
 
 def test_two_users_get_the_fact_that_matches_their_history() -> None:
@@ -174,3 +177,25 @@ def test_an_empty_title_is_a_zero_row_and_never_reaches_the_encoder(monkeypatch)
     assert not encoder.encode(["", "  "]).any() and not calls
     rows = encoder.encode(["", "glass flask"])
     assert not rows[0].any() and np.linalg.norm(rows[1]) == pytest.approx(1.0, abs=1e-5) and calls == [1]
+
+
+def test_mapped_interest_is_what_the_hllm_embedding_predicts_of_the_history() -> None:
+    rng = np.random.default_rng(0)
+    embeddings = rng.standard_normal((200, 4))
+    linear = embeddings @ rng.standard_normal((4, 6))
+    noise = rng.standard_normal((200, 6))  # what the embedding cannot see
+    mapped = mapped_interest(embeddings, linear + noise, ridge=1e-6)
+    centred = linear - linear.mean(0)
+    assert np.abs(mapped - centred).max() < 0.5 * np.abs(noise).max()
+    assert np.corrcoef(mapped.ravel(), centred.ravel())[0, 1] > 0.95
+    twins = mapped_interest(np.repeat(embeddings[:1], 2, 0), rng.standard_normal((2, 6)))
+    assert np.allclose(twins, 0)  # one embedding, one interest: their histories differ, not what it sees
+
+
+def test_grounded_v3_titles_follow_the_hllm_embedding_not_the_history() -> None:
+    args = ("Lab Rack for Beakers", "Acme", "holds glass beakers; fits steel rods")
+    history = _ground_one_rack_for_two_users(*args)
+    apart = _ground_one_rack_for_two_users(*args, hllm_users=np.eye(2, 3))
+    assert apart.titles == history.titles and apart.titles[0] != apart.titles[1]
+    same = _ground_one_rack_for_two_users(*args, hllm_users=np.ones((2, 3)))
+    assert same.titles == [args[0], args[0]]  # nothing told the users apart: the original title

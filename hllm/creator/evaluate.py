@@ -139,6 +139,7 @@ def teacher_lift(
     rows = rows[rows["kept"]].reset_index(drop=True)
     histories = row_histories(hllm, rows)
     scorer, step = _hllm_scorer(hllm), hllm.config.eval.item_batch_size
+    own = _user_embeddings(scorer, histories, step)
 
     def embedded(column: str) -> Tensor:
         """(R, D) HLLM embeddings of every row's item with the title of `column`, `step` at a time."""
@@ -147,7 +148,6 @@ def teacher_lift(
             [scorer.titles(items[i : i + step], titles[i : i + step]) for i in range(0, len(rows), step)]
         )
 
-    own = torch.cat([scorer.users(histories[i : i + step]) for i in range(0, len(rows), step)])
     others = torch.as_tensor(other_rows(len(rows), seed + 1))
     changed = rows["personalised_title"] != rows["original_title"]
     result: dict = {"rows": len(rows), "changed": float(changed.mean())}
@@ -162,6 +162,16 @@ def teacher_lift(
         titles, originals = (judge.titles(list(rows[c])) for c in ("personalised_title", "original_title"))
         result[judge.name] = judged(users, users[others], titles, originals, **options)
     return result
+
+
+def hllm_user_embeddings(hllm: Run, rows: pd.DataFrame) -> np.ndarray:
+    """(R, D) the HLLM run's embedding of each row's user (`user_id`) before the row's `item_id`."""
+    step = hllm.config.eval.item_batch_size
+    return _user_embeddings(_hllm_scorer(hllm), row_histories(hllm, rows), step).float().numpy()
+
+
+def _user_embeddings(scorer: TitleScorer, histories: list[np.ndarray], step: int) -> Tensor:
+    return torch.cat([scorer.users(histories[i : i + step]) for i in range(0, len(histories), step)])
 
 
 def _scorer(run: CreatorRun) -> TitleScorer:

@@ -38,6 +38,8 @@ from hllm.creator_config import CreatorDataConfig
 from hllm.models.backbone import Backbone, load_backbone
 
 VERSION = "grounded-v2"
+VERSION_HLLM = "grounded-v3"  # the interest read from an HLLM user embedding (`mapped_interest`)
+RIDGE = 1.0  # ridge penalty of `mapped_interest`, on unit-norm embeddings
 TEMPLATES = {
     "one_fact": "{title} | {fact}",
     "two_facts": "{title}, {fact} | {fact2}",
@@ -173,11 +175,19 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def ground(rows: pd.DataFrame, catalogue: pd.DataFrame, settings: CreatorDataConfig) -> pd.DataFrame:
+def ground(
+    rows: pd.DataFrame,
+    catalogue: pd.DataFrame,
+    settings: CreatorDataConfig,
+    hllm_users: np.ndarray | None = None,
+) -> pd.DataFrame:
     """`rows` (of `teacher.select_rows`) with `interests`, `grounded_title`, `facts`, `template` and
-    `contrast_title`; a row whose history names no category or brand (no profile) is dropped."""
+    `contrast_title`; a row whose history names no category or brand (no profile) is dropped.
+    `hllm_users` (R, Du): each row's HLLM user embedding, for grounded-v3."""
     encoder = PhraseEncoder(load_backbone(settings.encoder))
-    grounded = ground_rows(rows, catalogue, encoder, fact_chars=settings.fact_chars, seed=settings.seed)
+    grounded = ground_rows(
+        rows, catalogue, encoder, fact_chars=settings.fact_chars, seed=settings.seed, hllm_users=hllm_users
+    )
     titled = rows.assign(
         interests=grounded.interests,
         grounded_title=grounded.titles,
@@ -198,7 +208,13 @@ class GroundedRows:
 
 
 def ground_rows(
-    rows: pd.DataFrame, items: pd.DataFrame, encoder: PhraseEncoder, *, fact_chars: int, seed: int = 0
+    rows: pd.DataFrame,
+    items: pd.DataFrame,
+    encoder: PhraseEncoder,
+    *,
+    fact_chars: int,
+    seed: int = 0,
+    hllm_users: np.ndarray | None = None,
 ) -> GroundedRows:
     """Interests and a grounded title for every row (`user_id`, `history_item_ids`, `item_id`), and
     the contrast title: the same item's title for a seeded random other user of the sample, which
@@ -206,6 +222,8 @@ def ground_rows(
 
     Args:
         items: by raw item id: `title`, `selling_points`, `brand`, `categories`, `description`.
+        hllm_users: (R, Du) each row's HLLM user embedding; the interest is then read from it
+            (`mapped_interest`), not from the history mean directly.
     """
     common = common_categories(items["categories"])
     items = _records(items)
@@ -213,6 +231,8 @@ def ground_rows(
     histories = [[i for i in ids if i in items] for ids in rows["history_item_ids"]]
     users = _user_vectors(histories, items, encoder)  # (U, D)
     interest = users - users.mean(0, keepdims=True)  # beyond the average user of the sample
+    if hllm_users is not None:
+        interest = mapped_interest(hllm_users, interest)
     profiles = [list(dict.fromkeys(_profile_phrases(history, items, common))) for history in histories]
     everything = {f.text for item_facts in facts.values() for f in item_facts}
     everything |= {items[item]["title"] for item in facts}
@@ -236,6 +256,21 @@ def ground_rows(
         scores = [float(embedded[phrase] @ vector) for phrase in profile]
         result.interests.append([profile[i] for i in np.argsort(scores)[::-1][:INTERESTS]])
     return result
+
+
+def mapped_interest(embeddings: np.ndarray, interest: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
+    """The part of each row's interest (R, D) that its HLLM user embedding (R, Du) predicts linearly:
+    a ridge regression over the rows, centred on both sides.
+
+    Why (grounded-v3): the Creator reads only the HLLM embedding, which predicts about 40% of the
+    history mean's variance on amazon-scientific; v2's choices also followed the other 60%, which no
+    Creator can see. Over 3,000 amazon-scientific rows, a bilinear selector trained on 2,400 rows'
+    HLLM embeddings picks v3's fact (or none) on 70% of the other 600 users' rows (without the user:
+    49%), v2's on 53% (47%)."""
+    x = embeddings - embeddings.mean(0, keepdims=True)
+    y = interest - interest.mean(0, keepdims=True)
+    weights = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)  # (Du, D)
+    return (x @ weights).astype(np.float32)
 
 
 def _other_rows(users: np.ndarray, seed: int) -> np.ndarray:

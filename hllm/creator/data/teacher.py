@@ -27,6 +27,7 @@ import pandas as pd
 from hllm.config import DataConfig
 from hllm.creator.data.grounded import UNCHANGED, ground
 from hllm.creator.data.grounded import VERSION as GROUNDED_VERSION
+from hllm.creator.data.grounded import VERSION_HLLM as GROUNDED_HLLM_VERSION
 from hllm.creator.data.hallucination import REASONS, check_title, collect_brands
 from hllm.creator.data.llm import ChatModel, open_chat_model
 from hllm.creator.data.prompts import POLISH, PROFILE, REWRITE, VERIFY
@@ -200,7 +201,8 @@ def build_data(
     grounded = teacher.backend == "grounded"
     if grounded:
         polish = settings.polish != "none"
-        prompts = {"profile": GROUNDED_VERSION, "rewrite": GROUNDED_VERSION}
+        version = GROUNDED_HLLM_VERSION if settings.interest_run else GROUNDED_VERSION
+        prompts = {"profile": version, "rewrite": version}
         prompts |= {"polish": POLISH.version if polish else None, "verify": VERIFY.version}
         llm = replace(teacher, backend=settings.polish) if polish else None
     else:
@@ -219,6 +221,8 @@ def build_data(
         "fact_chars": settings.fact_chars,
         "seed": settings.seed,
     }
+    if grounded and settings.interest_run:
+        identity["interest_run"] = str(Path(settings.interest_run).resolve())
     claim_folder(out, identity)
     chat = open_chat_model(llm) if llm else None
     steps = {"chunk_rows": settings.chunk_rows, "attempts": teacher.attempts}
@@ -269,7 +273,13 @@ def _grounded(
 ) -> tuple[pd.DataFrame, dict]:
     """Grounded titles (and interests) for every row whose history has a category or brand; with a
     polishing LLM, its rewording replaces each title (a malformed answer keeps the grounded one)."""
-    titled = ground(rows, catalogue, settings)
+    hllm_users = None
+    if settings.interest_run:
+        from hllm.creator.evaluate import hllm_user_embeddings
+        from hllm.runs import load_run
+
+        hllm_users = hllm_user_embeddings(load_run(settings.interest_run), rows)
+    titled = ground(rows, catalogue, settings, hllm_users)
     failed = {"grounded": {"no profile (no category or brand in the history)": len(rows) - len(titled)}}
     if chat is None:
         return titled.assign(personalised_title=titled["grounded_title"]), failed
