@@ -262,11 +262,10 @@ def mapped_interest(embeddings: np.ndarray, interest: np.ndarray, ridge: float =
     """The part of each row's interest (R, D) that its HLLM user embedding (R, Du) predicts linearly:
     a ridge regression over the rows, centred on both sides.
 
-    Why (grounded-v3): the Creator reads only the HLLM embedding, which predicts about 40% of the
-    history mean's variance on amazon-scientific; v2's choices also followed the other 60%, which no
-    Creator can see. Over 3,000 amazon-scientific rows, a bilinear selector trained on 2,400 rows'
-    HLLM embeddings picks v3's fact (or none) on 70% of the other 600 users' rows (without the user:
-    49%), v2's on 53% (47%)."""
+    Why (grounded-v3): the Creator reads only the HLLM embedding, and v2's choices also followed the
+    part of the history mean it does not hold. Over 3,000 amazon-scientific rows a probe trained on
+    2,400 rows' HLLM embeddings (`scripts/selector_probe.py`) picks v3's fact, or none, on 69% of the
+    other 600 rows (48% without the user), v2's on 53% (47%)."""
     x = embeddings - embeddings.mean(0, keepdims=True)
     y = interest - interest.mean(0, keepdims=True)
     weights = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)  # (Du, D)
