@@ -20,6 +20,7 @@ from hllm.creator.infer.infer import UserEmbedder, embed_shards, infer, lookup_t
 from hllm.creator.model.dataset import trainable_rows
 from hllm.creator.model.model import CreativeLLM
 from hllm.creator.model.training import load_creator
+from hllm.errors import UserError
 from hllm.runs import load_run
 from hllm.train import fit
 from tests.support import assert_one_line_error, cycle_rows, run_cli, tiny_overrides
@@ -379,7 +380,8 @@ def test_creator_trains_under_bf16_autocast_when_asked(workspace, tmp_path, monk
 def test_a_second_stage_starts_from_a_creator_run_with_the_lm_frozen(creator_run, workspace, tmp_path):
     """`creator.model.init_from` loads a run's best weights before the first step and
     `creator.train.lm_lr=0` keeps the LM's LoRA weights there while the projector learns (fresh
-    LoRA weights could not equal trained ones)."""
+    LoRA weights could not equal trained ones). A first stage that held out other users is refused:
+    this run's held-out users could be ones it trained on."""
     from hllm.creator.model.training import fit_creator
 
     overrides = [
@@ -400,3 +402,6 @@ def test_a_second_stage_starts_from_a_creator_run_with_the_lm_frozen(creator_run
         for key, value in start.items()
         if key.startswith(("projector", "matcher", "align", "end"))
     )
+    other_split = [*overrides, "creator.train.seed=1", f"out_dir={tmp_path / 'other'}"]
+    with pytest.raises(UserError, match="held out other users"):
+        fit_creator(load_config(workspace["config"], other_split))

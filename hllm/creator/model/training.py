@@ -107,7 +107,7 @@ def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = N
         held_out = held_out_users(rows, config.creator.train.holdout, config.creator.train.seed)
         model = build_creator(config, run)
         if config.creator.model.init_from:
-            load_weights(model, config, Path(config.creator.model.init_from), "best")
+            start_from(model, config, Path(config.creator.model.init_from), held_out)
         lm_lr = config.creator.train.lm_lr
         if lm_lr == 0:
             model.lm.requires_grad_(False)
@@ -208,6 +208,20 @@ def validation_loss(model: CreativeLLM, batches: CreatorBatches, device: torch.d
             totals[name] = totals.get(name, 0.0) + value / len(batches)
     model.train(was_training)
     return totals
+
+
+def start_from(model: CreativeLLM, config: RunConfig, folder: Path, held_out: list[str]) -> None:
+    """A second stage: the best weights of the run in `folder`, which must have held out the same
+    users (otherwise this run's held-out users could be ones the first stage trained on)."""
+    split = folder / "split.json"
+    first = json.loads(split.read_text(encoding="utf-8"))["held_out_users"] if split.is_file() else None
+    if first is None or set(first) != set(held_out):
+        raise UserError(
+            "the first stage held out other users (or is no Creator run): use the same "
+            "creator.train.rows, holdout and seed",
+            where="creator.model.init_from",
+        )
+    load_weights(model, config, folder, "best")
 
 
 def load_weights(model: CreativeLLM, config: RunConfig, folder: Path, checkpoint: str) -> None:
