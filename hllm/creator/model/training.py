@@ -213,12 +213,9 @@ def validation_loss(model: CreativeLLM, batches: CreatorBatches, device: torch.d
 def start_from(model: CreativeLLM, config: RunConfig, folder: Path, held_out: list[str]) -> None:
     """A second stage: the best weights of the run in `folder`, which must have held out the same
     users (otherwise this run's held-out users could be ones the first stage trained on)."""
-    split = folder / "split.json"
-    first = json.loads(split.read_text(encoding="utf-8"))["held_out_users"] if split.is_file() else None
-    if first is None or set(first) != set(held_out):
+    if set(read_held_out(folder)) != set(held_out):
         raise UserError(
-            "the first stage held out other users (or is no Creator run): use the same "
-            "creator.train.rows, holdout and seed",
+            "the first stage held out other users: use the same creator.train.rows, holdout and seed",
             where="creator.model.init_from",
         )
     load_weights(model, config, folder, "best")
@@ -247,8 +244,13 @@ def load_creator(folder: str | Path, *, checkpoint: str = "best", hllm: Run | No
     model = build_creator(config, hllm)
     load_weights(model, config, folder, checkpoint)
     model.cache_item_table(batch_size=config.eval.item_batch_size)
+    held_out = read_held_out(folder)
+    return CreatorRun(folder, config, hllm, model.eval(), read_rows(config.creator.train.rows), held_out)
+
+
+def read_held_out(folder: Path) -> list[str]:
+    """The users a Creator run held out (its split.json); a folder without one is a one-line error."""
     split = folder / "split.json"
     if not split.is_file():
         raise UserError("no split.json: not a Creator run folder", where=str(folder))
-    held_out = json.loads(split.read_text(encoding="utf-8"))["held_out_users"]
-    return CreatorRun(folder, config, hllm, model.eval(), read_rows(config.creator.train.rows), held_out)
+    return json.loads(split.read_text(encoding="utf-8"))["held_out_users"]
