@@ -83,6 +83,10 @@ class CreativeModelConfig:
     """Original and target titles are cut to this many tokens."""
     max_profile_tokens: int = positive(48)
     """The interest profile (recon and align targets) is cut to this many tokens."""
+    fact_selector: bool = False
+    """Choose the facts a title adds with a bilinear selector over the item's own facts (embedded by
+    creator.data.encoder), fitted to the grounded teacher's choices before the LM trains, and write
+    them into the prompt ("Angle: ..."). Needs rows of the grounded backend and a frozen HLLM."""
     init_from: str = ""
     """A Creator run folder (`hllm creator train`) whose best weights start this run: a second stage,
     e.g. the contrast loss on a Creator that already writes sound titles."""

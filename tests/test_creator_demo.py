@@ -16,6 +16,9 @@ def test_demo_writes_under_out_and_trains_the_creator_at_the_asked_precision(tmp
     assert Path(creator_config.creator.train.rows) == tmp_path / "data" / "rows.parquet"
     assert creator_config.creator.data.limit == 50
     assert creator_config.creator.teacher.backend == "grounded"
+    # grounded-v3 from the demo's own HLLM run, which the fact selector learns to read
+    assert Path(creator_config.creator.data.interest_run) == tmp_path / "hllm"
+    assert creator_config.creator.model.fact_selector
     _, default = demo_configs(tmp_path, limit=50)
     assert default.train.precision == "32-true"
 

@@ -90,7 +90,7 @@ def test_user_embedding_changes_the_output_after_its_position_only(creator):
 
 def test_different_histories_give_different_projected_users(creator):
     history = torch.tensor([[0, 0, 1, 2, 3], [0, 0, 7, 8, 9]])
-    projected = creator.projected_users(history)
+    projected = creator.projector(creator.user_vectors(history))
     assert projected.shape == (2, creator.projector.out_features)
     assert not torch.allclose(projected[0], projected[1])
     # the projected vector's norm is set near an average token embedding's
@@ -113,7 +113,7 @@ def test_creative_and_recon_losses_equal_the_library_loss(creator, hllm_run):
     with torch.no_grad():
         creator.training_loss(batch)
         stats = dict(creator.last_stats)
-        projected = creator.projected_users(batch.history)
+        projected = creator.projector(creator.user_vectors(batch.history))
         for name, padded in (("creative", batch.creative), ("recon", batch.recon)):
             positions = (padded.mask.long().cumsum(-1) - 1).clamp(min=0)
             reference = creator.lm(

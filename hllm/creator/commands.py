@@ -159,6 +159,8 @@ def train_command(
     if result["valid_history"] and result["valid_history"][-1]:
         last = result["valid_history"][-1]
         table.add_row("held-out loss", "  ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "epoch"))
+    if selector := result.get("fact_selector"):
+        table.add_row("fact selector = teacher", "  ".join(f"{k} {v:.4f}" for k, v in selector.items()))
     Console().print(table)
 
 
@@ -184,6 +186,8 @@ def generate_command(
     table.add_column("")
     table.add_column("title")
     table.add_column("filter")
+    if "angle" in result:
+        console.print(f"facts the selector chose for this user: {result['angle']}")
     table.add_row("original", result["original_title"], "")
     for number, title in enumerate(result["titles"], 1):
         table.add_row(f"for user {number}", title["title"], ", ".join(title["reasons"]) or "kept")

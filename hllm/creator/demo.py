@@ -1,8 +1,9 @@
 """`hllm creator demo`: the whole Creator path on a slice of amazon-scientific, offline on a CPU.
 
-build-data (the grounded teacher: titles from each item's own text, no LLM) -> a short HLLM run
-(frozen MiniLM items) -> Creator training -> cluster-level inference for a few held-out items ->
-evaluation with the ablations and a second judge. Every step resumes what OUT already holds.
+a short HLLM run (frozen MiniLM items) -> build-data (the grounded teacher, grounded-v3: titles
+from each item's own text, the facts chosen by the interest that run's user embedding predicts; no
+LLM) -> Creator training (with the fact selector) -> cluster-level inference for a few held-out
+items -> evaluation with the ablations and a second judge. Every step resumes what OUT already holds.
 Writes OUT/metrics.json: {"full", "random_user", "no_user"} figures plus each step's seconds.
 """
 
@@ -50,6 +51,7 @@ def demo_configs(out: Path, *, limit: int, precision: str = "32-true") -> tuple[
             f"out_dir={out}",
             "name=creator",
             f"creator.data.limit={limit}",
+            f"creator.data.interest_run={out / 'hllm'}",
             f"creator.model.hllm_run={out / 'hllm'}",
             f"creator.train.rows={out / 'data' / 'rows.parquet'}",
             f"train.precision={precision}",
@@ -72,12 +74,12 @@ def run_creator_demo(
 
     hllm_config, creator_config = demo_configs(out, limit=limit, precision=precision)
     creator = creator_config.creator
+    timed("hllm train", lambda: fit(hllm_config, resume=True))
+    hllm = timed("hllm load", lambda: load_run(out / "hllm"))
     report = timed(
         "build-data", lambda: build_data(hllm_config.data, creator.data, creator.teacher, out / "data")
     )
     console.print(f"{report['kept']} of {report['rows']} titles kept by the hallucination filter")
-    timed("hllm train", lambda: fit(hllm_config, resume=True))
-    hllm = timed("hllm load", lambda: load_run(out / "hllm"))
     timed("creator train", lambda: fit_creator(creator_config, resume=True, hllm=hllm))
     run = load_creator(out / "creator", hllm=hllm)
     items = sorted(set(run.rows.loc[run.rows["user_id"].isin(run.held_out), "item_id"]))[:INFER_ITEMS]

@@ -25,8 +25,9 @@ from torch import Tensor
 
 from hllm.creator.data.grounded import PhraseEncoder
 from hllm.creator.data.judge import judge_titles
-from hllm.creator.infer.generation import ItemFacts, generate_titles, project_users
-from hllm.creator.model.dataset import history_before
+from hllm.creator.infer.generation import ItemFacts, embed_histories, generate_titles
+from hllm.creator.model.dataset import row_histories
+from hllm.creator.model.layout import angle_text
 from hllm.creator.model.model import pad_histories
 from hllm.creator.model.training import CreatorRun
 from hllm.creator_config import LLMConfig
@@ -119,15 +120,6 @@ def second_judge(spec: str, hllm: Run, catalogue: ItemFacts) -> TextJudge | None
         spec = "smollm2-135m" if hllm.config.model.item.backbone == "minilm" else "minilm"
     encoder = PhraseEncoder(load_backbone(spec), batch_size=64)
     return TextJudge(spec, lambda texts: torch.from_numpy(encoder.encode(texts)), titles)
-
-
-def row_histories(hllm: Run, rows: pd.DataFrame) -> list[np.ndarray]:
-    """Each row's history: the user's items before the row's item, as the HLLM run's item indices."""
-    data = hllm.data
-    return [
-        history_before(data, data.user_index(user), data.item_index(item))
-        for user, item in zip(rows["user_id"], rows["item_id"], strict=True)
-    ]
 
 
 def teacher_lift(
@@ -240,22 +232,29 @@ def evaluate_creator(
     histories = row_histories(run.hllm, rows)
     catalogue = ItemFacts.read(run.hllm.config.data, run.config.creator.data.fact_chars)
     facts = [catalogue.facts(item) for item in rows["item_id"]]
-    own_projected = project_users(run.model, histories, max_history, batch_size=settings.batch_size)
+    candidates = [catalogue.candidates(item) for item in rows["item_id"]]
+    own_users = embed_histories(run.model, histories, max_history, batch_size=settings.batch_size)
     random_user = other_rows(len(rows), seed)
-    projected = {"full": own_projected, "random_user": own_projected[random_user], "no_user": None}
+    users = {"full": own_users, "random_user": own_users[random_user], "no_user": None}
     generated = rows[
         ["user_id", "item_id", "original_title", "selling_points", "history", "interests"]
     ].copy()
     for variant in VARIANTS:
+        with torch.no_grad():
+            projected = None if users[variant] is None else run.model.projector(users[variant])
+        angles = run.model.angles(users[variant], candidates)
         titles = generate_titles(
             run.model,
             facts,
-            projected[variant],
+            projected,
             batch_size=settings.generate_batch,
             max_new_tokens=settings.max_new_tokens,
             temperature=0.0,
+            angles=angles,
         )
         generated[variant] = [title[0] for title in titles]
+        if angles is not None:
+            generated[f"{variant}_angle"] = angles
     generated["random_user_id"] = rows["user_id"].to_numpy()[random_user]
     atomic_write(out / "generated.parquet", lambda tmp: generated.to_parquet(tmp, index=False))
 
@@ -271,6 +270,11 @@ def evaluate_creator(
         second_own = second.users(histories)
         second_originals = second.titles(list(generated["original_title"]))
     resamples = run.config.creator.eval.bootstrap
+    if run.model.selector is not None and "facts" in rows.columns:
+        teacher = rows["facts"].map(lambda chosen: angle_text(list(chosen)))
+        result["selector_agrees_with_teacher"] = {
+            variant: float((generated[f"{variant}_angle"] == teacher).mean()) for variant in VARIANTS
+        }
     for variant in VARIANTS:
         verdicts = [
             catalogue.check(item, title, allowed_text=" ".join(interests))

@@ -242,8 +242,7 @@ def ground_rows(
     def title_for(item: str, vector: np.ndarray) -> tuple[str, list[str], str]:
         candidates, original = facts[item], items[item]["title"]
         scores = np.array([float(embedded[f.text] @ vector) for f in candidates])
-        above = float(embedded[original] @ vector)  # a fact must interest them more than the title does
-        return compose(original, [candidates[i] for i in np.argsort(scores)[::-1] if scores[i] > above])
+        return choose_facts(original, candidates, scores, float(embedded[original] @ vector))
 
     others = _other_rows(rows["user_id"].to_numpy(), seed)
     result = GroundedRows([], [], [], [], [])
@@ -258,18 +257,58 @@ def ground_rows(
     return result
 
 
+def choose_facts(
+    original: str, candidates: list[Fact], scores: np.ndarray, title_score: float
+) -> tuple[str, list[str], str]:
+    """`compose` over the facts that interest the user more than the original title itself does
+    (`scores` (K,) and `title_score`: their dot products with the interest), best first."""
+    return compose(original, [candidates[i] for i in np.argsort(scores)[::-1] if scores[i] > title_score])
+
+
+@dataclass
+class InterestMap:
+    """A ridge regression from user embeddings (Du) to interests in the encoder's space (D)."""
+
+    user_mean: np.ndarray  # (Du,)
+    weights: np.ndarray  # (Du, D)
+
+    @classmethod
+    def fit(cls, embeddings: np.ndarray, interest: np.ndarray, ridge: float = RIDGE) -> InterestMap:
+        """Centred on both sides: the map predicts how a user's interest departs from the mean."""
+        mean = embeddings.mean(0)
+        x, y = embeddings - mean, interest - interest.mean(0, keepdims=True)
+        weights = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)
+        return cls(mean.astype(np.float32), weights.astype(np.float32))
+
+    def __call__(self, embeddings: np.ndarray) -> np.ndarray:
+        return ((embeddings - self.user_mean) @ self.weights).astype(np.float32)
+
+
 def mapped_interest(embeddings: np.ndarray, interest: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
     """The part of each row's interest (R, D) that its HLLM user embedding (R, Du) predicts linearly:
-    a ridge regression over the rows, centred on both sides.
+    a ridge regression over the rows, centred on both sides (`InterestMap`).
 
     Why (grounded-v3): the Creator reads only the HLLM embedding, and v2's choices also followed the
     part of the history mean it does not hold. Over 3,000 amazon-scientific rows a probe trained on
     2,400 rows' HLLM embeddings (`scripts/selector_probe.py`) picks v3's fact, or none, on 69% of the
     other 600 rows (48% without the user), v2's on 53% (47%)."""
-    x = embeddings - embeddings.mean(0, keepdims=True)
-    y = interest - interest.mean(0, keepdims=True)
-    weights = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)  # (Du, D)
-    return (x @ weights).astype(np.float32)
+    return InterestMap.fit(embeddings, interest, ridge)(embeddings)
+
+
+class FactCatalogue:
+    """Each item's candidate facts exactly as the grounded teacher lists them (the Creator's fact
+    selector chooses among them)."""
+
+    def __init__(self, catalogue: pd.DataFrame, fact_chars: int) -> None:
+        self.records, self.fact_chars = _records(catalogue), fact_chars
+        self.common = common_categories(catalogue["categories"])
+
+    def facts(self, item: str) -> list[Fact]:
+        return _facts_of(self.records, item, self.fact_chars, self.common)
+
+    def history_means(self, histories: list[list[str]], encoder: PhraseEncoder) -> np.ndarray:
+        """(R, D) the teacher's user vectors: the mean embedding of each history's titles (raw ids)."""
+        return _user_vectors([[i for i in h if i in self.records] for h in histories], self.records, encoder)
 
 
 def _other_rows(users: np.ndarray, seed: int) -> np.ndarray:

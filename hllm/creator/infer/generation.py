@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from hllm.config import DataConfig
+from hllm.creator.data.grounded import Fact, FactCatalogue
 from hllm.creator.data.hallucination import Verdict, check_title, collect_brands
 from hllm.creator.data.teacher import read_catalogue
 from hllm.creator.model.model import CreativeLLM, pad_histories
@@ -30,11 +31,12 @@ class ItemFacts:
     items: pd.DataFrame  # index: raw item id; columns title, selling_points, brand, ...
     fact_chars: int
     brands: set[str]
+    grounded: FactCatalogue
 
     @classmethod
     def read(cls, config: DataConfig, fact_chars: int) -> ItemFacts:
         items = read_catalogue(config)
-        return cls(items, fact_chars, collect_brands(items["brand"]))
+        return cls(items, fact_chars, collect_brands(items["brand"]), FactCatalogue(items, fact_chars))
 
     def facts(self, item_id: str) -> tuple[str, str]:
         """(original title, selling points) of an item; an unknown id is a one-line error."""
@@ -42,6 +44,10 @@ class ItemFacts:
             raise UserError(f"unknown item id {item_id!r}: not in the catalogue", where="--item")
         row = self.items.loc[item_id]
         return row["title"], row["selling_points"][: self.fact_chars]
+
+    def candidates(self, item_id: str) -> tuple[str, list[Fact]]:
+        """What the fact selector chooses from: the original title and the item's facts."""
+        return self.facts(item_id)[0], self.grounded.facts(item_id)
 
     def check(self, item_id: str, title: str, *, allowed_text: str = "") -> Verdict:
         """The hallucination filter's verdict on `title` as a rewrite of this item's title."""
@@ -65,10 +71,16 @@ def generate_titles(
     max_new_tokens: int,
     temperature: float = 0.0,
     n: int = 1,
+    angles: list[str] | None = None,
 ) -> list[list[str]]:
     """`n` titles for each (original title, selling points), the i-th conditioned on `projected[i]`
-    (None: no [USER] position at all, the no-user ablation). Prompts of similar length share a batch."""
-    prompts = [model.layout.prompt(title, points, with_user=projected is not None) for title, points in facts]
+    (None: no [USER] position at all, the no-user ablation) and on `angles[i]`, its [ANGLE] text
+    (`CreativeLLM.angles`; None: no such line). Prompts of similar length share a batch."""
+    angles = angles or [None] * len(facts)
+    prompts = [
+        model.layout.prompt(title, points, with_user=projected is not None, angle=angle)
+        for (title, points), angle in zip(facts, angles, strict=True)
+    ]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
     titles: list[list[str]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
@@ -87,17 +99,18 @@ def generate_titles(
 
 
 @torch.no_grad()
-def project_users(
+def embed_histories(
     model: CreativeLLM, histories: list[np.ndarray], max_history: int, *, batch_size: int
 ) -> Tensor:
-    """Projected user embeddings (B, H) of histories of internal item ids, in batches."""
+    """Normalised user vectors (B, Du) of histories of internal item ids, in batches; the [USER]
+    position receives `model.projector` of them."""
     rows = [
-        model.projected_users(
+        model.user_vectors(
             pad_histories(histories[i : i + batch_size], max_history).to(model.projector.weight.device)
         )
         for i in range(0, len(histories), batch_size)
     ]
-    return torch.cat(rows) if rows else torch.empty(0, model.projector.out_features)
+    return torch.cat(rows) if rows else torch.empty(0, model.projector.in_features)
 
 
 def personalise(run, user_id: str, item_id: str, *, n: int = 3) -> dict:
@@ -108,16 +121,18 @@ def personalise(run, user_id: str, item_id: str, *, n: int = 3) -> dict:
     catalogue = ItemFacts.read(run.hllm.config.data, run.config.creator.data.fact_chars)
     title, points = catalogue.facts(item_id)
     data.item_index(item_id)  # the HLLM must know the item too
-    projected = project_users(run.model, [history], run.hllm.config.data.max_history, batch_size=1)
+    users = embed_histories(run.model, [history], run.hllm.config.data.max_history, batch_size=1)
+    angles = run.model.angles(users, [catalogue.candidates(item_id)])
     temperature = settings.temperature or (SAMPLING_TEMPERATURE if n > 1 else 0.0)
     titles = generate_titles(
         run.model,
         [(title, points)],
-        projected,
+        run.model.projector(users),
         batch_size=1,
         max_new_tokens=settings.max_new_tokens,
         temperature=temperature,
         n=n,
+        angles=angles,
     )[0]
     if not any(titles):
         raise UserError(
@@ -130,5 +145,6 @@ def personalise(run, user_id: str, item_id: str, *, n: int = 3) -> dict:
         "item_id": item_id,
         "original_title": title,
         "recent_history": [str(data.item_titles[i]) for i in history[-5:]],
+        **({"angle": angles[0]} if angles else {}),
         "titles": [{"title": t, "reasons": list(catalogue.check(item_id, t).reasons)} for t in titles],
     }

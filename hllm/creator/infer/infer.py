@@ -1,13 +1,15 @@
 """`hllm creator infer`: the serving path at scale, every step resumable in OUT.
 
-1. embed:    every user's projected user vector (the HLLM user embedding in the LM's width), in shards
+1. embed:    every user's HLLM user vector (what the Creator's projector and selector read), in shards
              `embeddings/part-NNNNN.parquet`; shard s belongs to rank s mod world_size, so the step
              runs as several processes (torchrun / Fabric) or through `UserEmbedder` on Ray Data;
 2. cluster:  faiss k-means over them, each user assigned to its nearest centroid in L2
-             -> `centroids.npy`, `assignments.parquet` (user_id, cluster);
+             -> `centroids.npy`, `assignments.parquet` (user_id, cluster); the projector is linear,
+             so a centroid's projection is the mean of its users' projections;
 3. prune:    the cls head's matching probability of every (centroid, item) pair; the top-N
              clusters per item above the threshold are kept;
-4. generate: one title per kept pair (greedy, batched, parts in `titles/`), checked by the
+4. generate: one title per kept pair (greedy, batched, parts in `titles/`; with a fact selector,
+             the facts it chooses for the normalised centroid), checked by the
              hallucination filter -> `titles.parquet` (cluster, item_id, title, score, kept, reasons).
 
 `lookup_title` serves a (user, item): the cluster's title when it passed the filter, else the original.
@@ -22,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from hllm.creator.data.stages import PartStore, claim_folder
 from hllm.creator.infer.clusters import assign_clusters, fit_kmeans, top_clusters
-from hllm.creator.infer.generation import ItemFacts, generate_titles, project_users
+from hllm.creator.infer.generation import ItemFacts, embed_histories, generate_titles
 from hllm.creator.model.training import CreatorRun, load_creator
 from hllm.errors import UserError
 from hllm.files import atomic_write
@@ -36,13 +39,13 @@ PAIR_KEY = ["cluster", "item_id"]
 
 
 def embed_users(run: CreatorRun, user_ids: list[str]) -> np.ndarray:
-    """Projected user vectors (U, H) float32 of dataset users (their whole sequences are the history)."""
+    """User vectors (U, Du) float32 of dataset users (their whole sequences are the history)."""
     data = run.hllm.data
     histories = [data.sequence(data.user_index(user)) for user in user_ids]
-    projected = project_users(
+    users = embed_histories(
         run.model, histories, run.hllm.config.data.max_history, batch_size=run.config.creator.infer.batch_size
     )
-    return projected.float().cpu().numpy()
+    return users.float().cpu().numpy()
 
 
 class UserEmbedder:
@@ -77,7 +80,7 @@ def embed_shards(run: CreatorRun, out: Path, *, rank: int = 0, world_size: int =
 
 
 def read_embeddings(out: Path, expected: int) -> tuple[np.ndarray, np.ndarray]:
-    """(U,) user ids and (U, H) embeddings from every shard; missing shards are an error."""
+    """(U,) user ids and (U, Du) embeddings from every shard; missing shards are an error."""
     parts = sorted((out / "embeddings").glob("part-*.parquet"))
     table = pd.concat([pd.read_parquet(part) for part in parts], ignore_index=True) if parts else None
     if table is None or len(table) != expected:
@@ -89,7 +92,7 @@ def read_embeddings(out: Path, expected: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cluster_users(run: CreatorRun, out: Path) -> np.ndarray:
-    """Centroids (C, H), fitted once and kept in OUT; the assignments are written beside them."""
+    """Centroids (C, Du), fitted once and kept in OUT; the assignments are written beside them."""
     settings = run.config.creator.infer
     users, embeddings = read_embeddings(out, run.hllm.data.num_users)
     path = out / "centroids.npy"
@@ -129,7 +132,9 @@ def score_pairs(run: CreatorRun, centroids: np.ndarray, items: list[str]) -> pd.
     ids = torch.tensor(
         [run.hllm.data.item_index(item) for item in items], device=model.projector.weight.device
     )
-    scores = model.matcher.score_all(torch.from_numpy(centroids).to(ids.device), model.item_vectors(ids))
+    with torch.no_grad():
+        projected = model.projector(torch.from_numpy(centroids).to(ids.device))
+    scores = model.matcher.score_all(projected, model.item_vectors(ids))
     clusters, columns, kept = top_clusters(scores.cpu().numpy(), settings.top_n, settings.threshold)
     return pd.DataFrame(
         {
@@ -148,16 +153,23 @@ def write_titles(
     store = PartStore(out / "titles", PAIR_KEY)
     done = store.done()
     todo = pairs[[key not in done for key in pairs[PAIR_KEY].itertuples(index=False, name=None)]]
-    projected = torch.from_numpy(centroids).to(run.model.projector.weight.device)
+    users = torch.from_numpy(centroids).to(run.model.projector.weight.device)
+    with torch.no_grad():
+        projected = run.model.projector(users)
     for start in range(0, len(todo), settings.generate_batch):
         chunk = todo.iloc[start : start + settings.generate_batch]
+        clusters = torch.tensor(chunk["cluster"].to_numpy())
+        angles = run.model.angles(
+            F.normalize(users[clusters], dim=-1), [catalogue.candidates(item) for item in chunk["item_id"]]
+        )
         titles = generate_titles(
             run.model,
             [catalogue.facts(item) for item in chunk["item_id"]],
-            projected[torch.tensor(chunk["cluster"].to_numpy())],
+            projected[clusters],
             batch_size=settings.generate_batch,
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,
+            angles=angles,
         )
         store.append(chunk[PAIR_KEY].assign(title=[title[0] for title in titles]))
     return len(todo)
@@ -217,6 +229,7 @@ def start_infer(run_dir: str | Path, out: str | Path, *, items: list[str] | None
         "temperature": settings.temperature,
         "items": sorted(items or settings.items),
         "shard_users": settings.shard_users,
+        "embeddings": "user-vectors",  # the HLLM user space (earlier folders held projected vectors)
     }
     if fabric.global_rank == 0:
         claim_folder(out, identity)

@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hllm.creator.model.layout import PromptLayout, Sequence, pad
+from hllm.creator.model.layout import PromptLayout, Sequence, angle_text, pad
 from hllm.creator.model.model import CreatorBatch, pad_histories
 from hllm.data.dataset import SequenceData
 from hllm.errors import UserError
+from hllm.runs import Run
 
 ROW_COLUMNS = (
     "user_id",
@@ -73,6 +74,15 @@ def history_before(data: SequenceData, user: int, item: int) -> np.ndarray:
     return training[: where[-1]] if len(where) else training
 
 
+def row_histories(hllm: Run, rows: pd.DataFrame) -> list[np.ndarray]:
+    """Each row's history: the user's items before the row's item, as the HLLM run's item indices."""
+    data = hllm.data
+    return [
+        history_before(data, data.user_index(user), data.item_index(item))
+        for user, item in zip(rows["user_id"], rows["item_id"], strict=True)
+    ]
+
+
 @dataclass
 class Example:
     history: np.ndarray  # internal item ids, oldest first
@@ -83,8 +93,11 @@ class Example:
     item: int  # internal id of the row's item
 
 
-def make_examples(rows: pd.DataFrame, data: SequenceData, layout: PromptLayout) -> list[Example]:
-    """One example per row; an unknown user or item id is a one-line error naming it.
+def make_examples(
+    rows: pd.DataFrame, data: SequenceData, layout: PromptLayout, *, angled: bool = False
+) -> list[Example]:
+    """One example per row; an unknown user or item id is a one-line error naming it. `angled`: the
+    prompts carry the teacher's facts (`facts`) as their [ANGLE] line (a Creator with a fact selector).
 
     A row whose title the filter rejected has no creative target: its creative sequence is the
     prompt alone, every label IGNORE. Its contrast sequence holds `contrast_title` (written for
@@ -93,15 +106,16 @@ def make_examples(rows: pd.DataFrame, data: SequenceData, layout: PromptLayout) 
     for row in rows.itertuples(index=False):
         user, item = data.user_index(row.user_id), data.item_index(row.item_id)
         interests = list(row.interests) if row.interests is not None else []
-        prompt = layout.prompt(row.original_title, row.selling_points)
+        angle = angle_text(list(row.facts)) if angled else None
+        prompt = layout.prompt(row.original_title, row.selling_points, angle=angle)
         creative = (
-            layout.creative(row.original_title, row.selling_points, row.personalised_title)
+            layout.creative(row.original_title, row.selling_points, row.personalised_title, angle=angle)
             if row.kept
             else prompt
         )
         other = getattr(row, "contrast_title", "") or ""
         contrast = (
-            layout.creative(row.original_title, row.selling_points, other)
+            layout.creative(row.original_title, row.selling_points, other, angle=angle)
             if row.kept and other and other != row.personalised_title
             else prompt
         )

@@ -1,9 +1,11 @@
 """Token layout of the Creative LLM's sequences, and their padding to the longest in a batch.
 
-    creative:  HEADER [USER] "Original title: ..." "Selling points: ..." CUE | target title </s>
+    creative:  HEADER [USER] "Original title: ..." "Selling points: ..." [ANGLE] CUE | target title </s>
     recon:     [USER] RECON_CUE | profile </s>
     profile:   profile [END]                      (the align encoder reads the hidden state at END)
 
+[ANGLE] ("Angle: fact; fact" or "Angle: none") is there only in a Creator with a fact selector
+(`selector.py`): the teacher's facts in training, the selector's choice when generating.
 [USER] and [END] are placeholder ids whose input embeddings the model overwrites (the projected
 user embedding; a learned vector). Only the part after `|` is a target. No chat template: the
 model is fine-tuned on exactly this layout. Sequences are never padded to a fixed length.
@@ -21,6 +23,7 @@ from hllm.creator.model.losses import IGNORE
 HEADER = "Write a product title for one shopper.\nShopper:"
 TITLE_CUE, POINTS_CUE, ANSWER_CUE = "\nOriginal title:", "\nSelling points:", "\nTitle for this shopper:"
 RECON_CUE = "\nThis shopper is interested in:\n"
+ANGLE_CUE, NO_ANGLE = "\nAngle:", "none"
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,11 @@ class Sequence:
     ids: list[int]
     labels: list[int]
     user_position: int = -1
+
+
+def angle_text(facts: list[str]) -> str:
+    """The [ANGLE] line's text for the facts a title should add."""
+    return "; ".join(facts) if facts else NO_ANGLE
 
 
 def profile_text(interests: list[str]) -> str:
@@ -58,23 +66,30 @@ class PromptLayout:
     def _encode(self, text: str, limit: int | None = None) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
 
-    def _body(self, title: str, points: str) -> list[int]:
+    def _body(self, title: str, points: str, angle: str | None) -> list[int]:
+        angled = (
+            [] if angle is None else self._encode(ANGLE_CUE) + self._encode(" " + angle, self.max_fact_tokens)
+        )
         return (
             self._encode(TITLE_CUE)
             + self._encode(" " + title.strip(), self.max_title_tokens)
             + self._encode(POINTS_CUE)
             + self._encode(" " + points.strip(), self.max_fact_tokens)
+            + angled
             + self._encode(ANSWER_CUE)
         )
 
-    def prompt(self, title: str, points: str, *, with_user: bool = True) -> Sequence:
-        """The generation prompt; `with_user=False` drops the [USER] position (the no-user ablation)."""
+    def prompt(
+        self, title: str, points: str, *, with_user: bool = True, angle: str | None = None
+    ) -> Sequence:
+        """The generation prompt; `with_user=False` drops the [USER] position (the no-user ablation),
+        `angle` (`angle_text`) adds the [ANGLE] line."""
         user = [self.placeholder] if with_user else []
-        ids = self._header + user + self._body(title, points)
+        ids = self._header + user + self._body(title, points, angle)
         return Sequence(ids, [IGNORE] * len(ids), len(self._header) if with_user else -1)
 
-    def creative(self, title: str, points: str, target: str) -> Sequence:
-        prompt = self.prompt(title, points)
+    def creative(self, title: str, points: str, target: str, *, angle: str | None = None) -> Sequence:
+        prompt = self.prompt(title, points, angle=angle)
         answer = self._encode(" " + target.strip(), self.max_title_tokens) + [self.eos]
         return Sequence(prompt.ids + answer, prompt.labels + answer, prompt.user_position)
 

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hllm.creator.data.grounded import Fact, PhraseEncoder
 from hllm.creator.model.heads import Matcher
-from hllm.creator.model.layout import Padded, PromptLayout, Sequence, pad
+from hllm.creator.model.layout import Padded, PromptLayout, Sequence, angle_text, pad
 from hllm.creator.model.losses import (
     IGNORE,
     align_loss,
@@ -30,6 +31,7 @@ from hllm.creator.model.losses import (
     sequence_log_likelihood,
     target_token_loss,
 )
+from hllm.creator.model.selector import FactSelector
 from hllm.data.text import ItemTokens, pack_items
 from hllm.models.hllm import HLLM
 from hllm.models.losses import LogitScale
@@ -86,6 +88,8 @@ class CreativeLLM(nn.Module):
         layout: the prompt layout over the LM's tokenizer.
         item_tokens: the catalogue's HLLM item tokens, needed only when the HLLM is trained and
             reads text (otherwise item embeddings are computed once, in `item_table`).
+        fact_encoder: the grounded teacher's phrase encoder; given, the model has a fact selector
+            (`selector.py`) that ranks an item's facts with it.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class CreativeLLM(nn.Module):
         cls_blocks: int = 2,
         align_temperature: float = 0.05,
         nce_threshold: float = 0.99,
+        fact_encoder: PhraseEncoder | None = None,
     ) -> None:
         super().__init__()
         self.hllm, self.lm, self.layout = hllm, lm, layout
@@ -121,6 +126,8 @@ class CreativeLLM(nn.Module):
         self.end_token = nn.Parameter(torch.randn(width) * 0.02)
         self.align_scale = LogitScale(align_temperature)
         self.matcher = Matcher(width, user_width, dim=cls_dim, head=cls_head, blocks=cls_blocks)
+        self.fact_encoder = fact_encoder
+        self.selector = FactSelector(user_width, fact_encoder.width) if fact_encoder else None
         # Frozen HLLM: every item's normalised embedding, computed once (N, Du).
         self.register_buffer("item_table", None, persistent=False)
         self.last_stats: dict[str, float] = {}
@@ -179,9 +186,12 @@ class CreativeLLM(nn.Module):
             hidden = encoder(with_query, F.pad(mask, (0, 1), value=True))[:, -1]
         return F.normalize(hidden.float(), dim=-1)
 
-    def projected_users(self, history: Tensor) -> Tensor:
-        """What the [USER] position receives: the projected user embedding (B, H)."""
-        return self.projector(self.user_vectors(history))
+    def angles(self, users: Tensor | None, items: list[tuple[str, list[Fact]]]) -> list[str] | None:
+        """Each row's [ANGLE] text: the selector's facts for (B, Du) user vectors (None: no user) and
+        each row's (original title, candidate facts); None when the model has no selector."""
+        if self.selector is None:
+            return None
+        return [angle_text(facts) for facts in self.selector.choose(users, items, self.fact_encoder)]
 
     def embed(self, padded: Padded, projected: Tensor | None) -> Tensor:
         """Token embeddings (B, T, H) with each row's [USER] position overwritten by `projected` (B, H)."""

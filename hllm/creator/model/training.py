@@ -12,23 +12,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
 import yaml
+from torch import Tensor
 
 from hllm.config import RunConfig, absolute_paths, config_to_dict
+from hllm.creator.data.grounded import PhraseEncoder
+from hllm.creator.infer.generation import ItemFacts, embed_histories
 from hllm.creator.model.dataset import (
     CreatorBatches,
     held_out_users,
     make_examples,
     read_rows,
+    row_histories,
     trainable_rows,
 )
-from hllm.creator.model.layout import PromptLayout
+from hllm.creator.model.layout import PromptLayout, angle_text
 from hllm.creator.model.model import CreativeLLM, LossWeights
 from hllm.epoch import TrainState
 from hllm.errors import UserError
-from hllm.models.backbone import load_causal_lm
+from hllm.models.backbone import load_backbone, load_causal_lm
 from hllm.models.build import add_lora
 from hllm.models.hllm import HLLM
 from hllm.runs import Run, checkpoint_path, load_run, model_weights, run_config
@@ -58,6 +63,13 @@ def build_creator(config: RunConfig, hllm: Run) -> CreativeLLM:
     settings, weights = config.creator.model, config.creator.loss
     torch.manual_seed(config.train.seed)
     lm, tokenizer = load_causal_lm(settings.backbone)
+    encoder = None
+    if settings.fact_selector:
+        if settings.train_hllm:
+            raise UserError(
+                "the fact selector reads a frozen HLLM: set train_hllm false", "creator.model.fact_selector"
+            )
+        encoder = PhraseEncoder(load_backbone(config.creator.data.encoder))
     if settings.mode == "lora":
         add_lora(lm, settings.lora_rank, settings.lora_alpha)
     layout = PromptLayout(
@@ -80,6 +92,7 @@ def build_creator(config: RunConfig, hllm: Run) -> CreativeLLM:
         cls_blocks=weights.cls_blocks,
         align_temperature=weights.align_temperature,
         nce_threshold=weights.nce_threshold,
+        fact_encoder=encoder,
     )
     return model.train()
 
@@ -120,6 +133,7 @@ def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = N
             raise UserError(
                 "no kept row belongs to a training user: build more rows", config.creator.train.rows
             )
+        selector = fit_fact_selector(model, run, config, training, validating) if model.selector else {}
         valid = _batches(config, run, model, validating)
 
         def finish(model: CreativeLLM, state: TrainState, seconds: float) -> dict:
@@ -132,6 +146,7 @@ def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = N
                 "held_out_users": len(held_out),
                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "valid_history": state.valid_history,
+                **({"fact_selector": selector} if selector else {}),
             }
 
         return Job(
@@ -160,6 +175,41 @@ def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = N
     return run_training(config, prepare, resume=resume)
 
 
+def fit_fact_selector(
+    model: CreativeLLM, hllm: Run, config: RunConfig, training: pd.DataFrame, validating: pd.DataFrame
+) -> dict:
+    """Fit the selector's interest map on the training users' rows; return how often its choice of
+    facts is the teacher's, on those rows and on the held-out users' rows."""
+    if "facts" not in training.columns:
+        raise UserError(
+            "the fact selector learns to choose as the grounded teacher does: build the rows with "
+            "`--backend grounded` (they have no facts column)",
+            where=config.creator.train.rows,
+        )
+    catalogue = ItemFacts.read(hllm.config.data, config.creator.data.fact_chars)
+    model.cache_item_table(batch_size=config.eval.item_batch_size)
+
+    def users_of(rows: pd.DataFrame) -> Tensor:
+        histories = row_histories(hllm, rows)
+        return embed_histories(
+            model, histories, hllm.config.data.max_history, batch_size=config.eval.batch_size
+        )
+
+    def agreement(rows: pd.DataFrame, users: Tensor | None) -> float:
+        angles = model.angles(users, [catalogue.candidates(item) for item in rows["item_id"]])
+        teacher = [angle_text(list(facts)) for facts in rows["facts"]]
+        return round(float(np.mean([a == b for a, b in zip(angles, teacher, strict=True)])), 4)
+
+    users = users_of(training)
+    means = catalogue.grounded.history_means(list(training["history_item_ids"]), model.fact_encoder)
+    model.selector.fit(users, torch.from_numpy(means))
+    report = {"train_agreement": agreement(training, users)}
+    if len(validating):
+        report["held_out_agreement"] = agreement(validating, users_of(validating))
+        report["held_out_agreement_no_user"] = agreement(validating, None)
+    return report
+
+
 def creator_config_yaml(config: RunConfig) -> str:
     """config.yaml of a Creator run: only the sections it reads (the HLLM run keeps its own data
     and model); loading it back fills the others with their defaults."""
@@ -180,7 +230,7 @@ def _batches(
     """Training batches: shuffled, this process's share; validation: every row on every process,
     so all ranks select and stop early on the same loss."""
     return CreatorBatches(
-        make_examples(rows, hllm.data, model.layout),
+        make_examples(rows, hllm.data, model.layout, angled=model.selector is not None),
         batch_size=config.train.batch_size,
         max_history=hllm.config.data.max_history,
         num_items=hllm.data.num_items,
