@@ -270,6 +270,8 @@ def evaluation_table(result: dict) -> Table:
     for key in result[VARIANTS[0]]:
         values = [result[variant][key] for variant in VARIANTS]
         table.add_row(key.replace("_", " "), *map(_figure, values))
+    if agreement := result.get("selector_agrees_with_teacher"):
+        table.add_row("selector's facts = teacher's", *(_figure(agreement[v]) for v in VARIANTS))
     return table
 
 

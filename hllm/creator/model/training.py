@@ -133,7 +133,9 @@ def fit_creator(config: RunConfig, *, resume: bool = False, hllm: Run | None = N
             raise UserError(
                 "no kept row belongs to a training user: build more rows", config.creator.train.rows
             )
-        selector = fit_fact_selector(model, run, config, training, validating) if model.selector else {}
+        selector = (
+            fit_fact_selector(model, run, config, training, validating) if model.selector is not None else {}
+        )
         valid = _batches(config, run, model, validating)
 
         def finish(model: CreativeLLM, state: TrainState, seconds: float) -> dict:
