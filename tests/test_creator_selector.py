@@ -5,6 +5,9 @@ random models over a cycle catalogue whose items have brands, categories and des
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -138,6 +141,22 @@ def test_a_creator_with_the_selector_fits_it_then_writes_its_angles_in_every_var
         assert 0 <= metrics["selector_agrees_with_teacher"][variant] <= 1
     assert (generated["no_user_angle"] == "none").all()  # no user, no interest, no fact
     assert (generated["full_angle"] != "none").any()
+
+    # scripts/rejudge.py judges the same titles again: the evaluation's own second judge, exactly
+    script = Path(__file__).parents[1] / "scripts" / "rejudge.py"
+    judge = metrics["second_judge"]
+    done = subprocess.run(
+        [sys.executable, str(script), str(run), str(tmp_path / "eval"), "--judges", f"{judge},tfidf"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    again = json.loads(done.stdout)
+    assert again["rows"] == metrics["rows"] and set(again["tfidf"]) == {"full", "random_user", "no_user"}
+    for variant in ("full", "random_user", "no_user"):
+        for key in ("personalisation_lift", "personalisation_lift_ci", "wins_over_original"):
+            assert again[judge][variant][key] == metrics[variant][f"second_judge_{key}"], (variant, key)
 
     code, out, err = run_cli("creator", "generate", run, "--user", "u1", "--item", "i3", "--n", "1")
     assert code == 0, err

@@ -220,6 +220,32 @@ def variant_metrics(
     }
 
 
+def judge_variants(
+    judge: TextJudge,
+    histories: list[np.ndarray],
+    generated: pd.DataFrame,
+    others: Tensor,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """A text judge's figures for every variant's titles in `generated` (evaluate's table), each row's
+    user against the row `others` names."""
+    own = judge.users(histories)
+    originals = judge.titles(list(generated["original_title"]))
+    return {
+        variant: judged(
+            own,
+            own[others],
+            judge.titles(list(generated[variant])),
+            originals,
+            resamples=resamples,
+            seed=seed,
+        )
+        for variant in VARIANTS
+    }
+
+
 def evaluate_creator(
     run: CreatorRun, out: str | Path, *, judge: LLMConfig | None = None, limit: int = 0, seed: int = 0
 ) -> dict:
@@ -266,10 +292,10 @@ def evaluate_creator(
     second = second_judge(run.config.creator.eval.judge_encoder, run.hllm, catalogue)
     result: dict = {"rows": len(rows), "users": int(rows["user_id"].nunique())}
     result["second_judge"] = second.name if second else "none"
-    if second is not None:
-        second_own = second.users(histories)
-        second_originals = second.titles(list(generated["original_title"]))
     resamples = run.config.creator.eval.bootstrap
+    second_scores = (
+        judge_variants(second, histories, generated, others, resamples=resamples, seed=seed) if second else {}
+    )
     if run.model.selector is not None and "facts" in rows.columns:
         teacher = rows["facts"].map(lambda chosen: angle_text(list(chosen)))
         result["selector_agrees_with_teacher"] = {
@@ -295,15 +321,7 @@ def evaluate_creator(
             (generated[variant] != generated["random_user"]).mean()
         )
         if second is not None:
-            scores = judged(
-                second_own,
-                second_own[others],
-                second.titles(list(generated[variant])),
-                second_originals,
-                resamples=resamples,
-                seed=seed,
-            )
-            result[variant] |= {f"second_judge_{key}": value for key, value in scores.items()}
+            result[variant] |= {f"second_judge_{key}": value for key, value in second_scores[variant].items()}
         if judge is not None:
             # a folder per set of titles: a judge folder resumes its answers by (user, item)
             folder = out / f"judge-{variant}-{hash_json(list(generated[variant]))[:8]}"
