@@ -19,6 +19,8 @@ def test_demo_writes_under_out_and_trains_the_creator_at_the_asked_precision(tmp
     # grounded-v3 from the demo's own HLLM run, which the fact selector learns to read
     assert Path(creator_config.creator.data.interest_run) == tmp_path / "hllm"
     assert creator_config.creator.model.fact_selector
+    # every held-out user's rows are judged, and there are enough of them to resolve a small lift
+    assert creator_config.creator.eval.limit == 0 and creator_config.creator.train.holdout == 0.43
     _, default = demo_configs(tmp_path, limit=50)
     assert default.train.precision == "32-true"
 

@@ -288,7 +288,7 @@ def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Demo folder (resumed when it exists).")] = Path(
         "runs/creator-demo"
     ),
-    limit: Annotated[int, typer.Option("--limit", help="amazon-scientific users given titles.")] = 400,
+    limit: Annotated[int, typer.Option("--limit", help="amazon-scientific users given titles.")] = 700,
     show: Annotated[int, typer.Option("--show", help="Held-out users printed side by side.")] = 5,
     precision: Annotated[
         str,
