@@ -52,8 +52,12 @@ class FactSelector(nn.Module):
         if users is None:
             return [[] for _ in items]
         interests = self.interests(users)
+        phrases = sorted({text for original, facts in items for text in (original, *(f.text for f in facts))})
+        embedded = dict(
+            zip(phrases, encoder.encode(phrases), strict=True)
+        )  # one batched pass, not a row at a time
         chosen = []
         for (original, facts), interest in zip(items, interests, strict=True):
-            vectors = encoder.encode([original, *(fact.text for fact in facts)]) @ interest  # (1 + K,)
-            chosen.append(choose_facts(original, facts, vectors[1:], float(vectors[0]))[1])
+            scores = np.array([float(embedded[fact.text] @ interest) for fact in facts])
+            chosen.append(choose_facts(original, facts, scores, float(embedded[original] @ interest))[1])
         return chosen
