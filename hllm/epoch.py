@@ -144,11 +144,21 @@ class GuardRails:
         self.fabric = fabric
         self.losses: list[float] = []
         self.warned_collapse = False
+        self.start_cosine = 0.0
 
     def check(self, stats: dict) -> None:
         self.losses.append(stats["loss"])
         cosine = stats.get("item_cosine", 0.0)
-        if cosine > COLLAPSE_COSINE and not self.warned_collapse:
+        if len(self.losses) == 1:
+            self.start_cosine = cosine
+            if cosine > COLLAPSE_COSINE:  # before any update: how the item side starts, not training
+                self.fabric.print(
+                    f"note: item embeddings start nearly parallel (mean pairwise cosine {cosine:.3f}"
+                    f" > {COLLAPSE_COSINE}): the Item LLM's outputs share one dominant direction,"
+                    " which training must spread (watch item_cosine in the log)"
+                )
+            return
+        if cosine > max(COLLAPSE_COSINE, self.start_cosine) and not self.warned_collapse:
             self.warned_collapse = True
             self.fabric.print(
                 f"WARNING: item embeddings are collapsing (mean pairwise cosine "

@@ -78,6 +78,12 @@ def load_run(folder: str | Path, *, checkpoint: str = "best") -> Run:
     model, item_tokens = build_model(config, data)
     if config.model.kind != "popularity":
         model.load_state_dict(model_weights(folder, checkpoint))
-        cache_frozen_items(model, item_tokens, batch_size=config.eval.item_batch_size, device="cpu")
+        cache_frozen_items(
+            model,
+            item_tokens,
+            batch_size=config.eval.item_batch_size,
+            device="cpu",
+            store=Path(config.data.cache_dir),
+        )
     model.eval()
     return Run(folder, config, data, model, item_tokens)

@@ -349,7 +349,11 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
             finish=finish,
             metric=config.eval.metric,
             ready=lambda model: cache_frozen_items(
-                model, item_tokens, batch_size=config.eval.item_batch_size, device=fabric.device
+                model,
+                item_tokens,
+                batch_size=config.eval.item_batch_size,
+                device=fabric.device,
+                store=Path(config.data.cache_dir),
             ),
         )
 

@@ -52,6 +52,33 @@ def test_top_layer_training_learns_over_cached_states(cycle_data, tmp_path):
     torch.testing.assert_close(cached, from_text, atol=1e-5, rtol=0)
 
 
+def test_frozen_item_outputs_are_stored_once_under_the_weights_key(cycle_data, tmp_path, monkeypatch):
+    """With a store, a frozen Item LLM's catalogue outputs are written once, read back equal to a
+    fresh encoding without running the Item LLM, and other weights get an entry of their own."""
+    config = load_config(None, tiny_overrides(cycle_data, tmp_path, model__item__mode="frozen"))
+    data = prepare_dataset(config.data)
+    model, item_tokens = build_model(config, data)
+    store = tmp_path / "store"
+    cache_frozen_items(model, item_tokens, batch_size=4, device="cpu")
+    fresh = model.item_cache.clone()
+    cache_frozen_items(model, item_tokens, batch_size=4, device="cpu", store=store)
+    torch.testing.assert_close(model.item_cache, fresh, atol=0, rtol=0)
+    assert len(list((store / "item-outputs").glob("*.pt"))) == 1
+
+    encoder_forward = model.item_encoder.forward
+    monkeypatch.setattr(model.item_encoder, "forward", lambda packed: pytest.fail("re-encoded"))
+    model.item_cache = None
+    cache_frozen_items(model, item_tokens, batch_size=4, device="cpu", store=store)
+    torch.testing.assert_close(model.item_cache, fresh, atol=0, rtol=0)
+
+    monkeypatch.setattr(model.item_encoder, "forward", encoder_forward)
+    with torch.no_grad():
+        next(model.item_encoder.parameters()).add_(1.0)
+    cache_frozen_items(model, item_tokens, batch_size=4, device="cpu", store=store)
+    assert not torch.equal(model.item_cache, fresh)
+    assert len(list((store / "item-outputs").glob("*.pt"))) == 2
+
+
 def test_in_batch_negatives_add_the_batch_items_once(cycle_data, tmp_path):
     """The bank: the sampled negatives, then every other item of the batch, each once; a top-layer
     step sends gradient to the top layer only, never from text (the cached states stand in)."""
@@ -213,6 +240,13 @@ def test_guard_rails_warn_on_collapse_and_a_stuck_loss():
     class FakeFabric:
         def print(self, message):
             printed.append(message)
+
+    starts_parallel = GuardRails(FakeFabric())
+    for cosine in (0.97, 0.96, 0.97, 0.98):  # starts parallel, spreads, then closes past its start
+        starts_parallel.check({"loss": 6.2, "item_cosine": cosine})
+    assert len(printed) == 2
+    assert "start nearly parallel" in printed[0] and "collapsing" in printed[1]
+    printed.clear()
 
     guard = GuardRails(FakeFabric())
     for _ in range(2 * LOSS_WINDOW):

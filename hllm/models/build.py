@@ -3,17 +3,21 @@ wrapping and the caches of a frozen item side."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from hllm.config import RunConfig
 from hllm.data.batches import training_items
 from hllm.data.dataset import SequenceData
 from hllm.data.text import PAD_ID, ItemTokens, pack_items, tokenize_items
 from hllm.errors import UserError
+from hllm.files import atomic_write
 from hllm.models.backbone import load_backbone, set_dropout
 from hllm.models.hllm import HLLM
 from hllm.models.hstu import build_hstu
@@ -27,6 +31,7 @@ from hllm.models.user_encoder import UserEncoder
 
 DENSE_MEAN_HISTORY = 20  # interactions per user from which data counts as dense (MovieLens, not Amazon)
 FULL_SOFTMAX_MAX_ITEMS = 200_000  # past this, (positions x catalogue) logits cost too much memory
+OUTPUTS_VERSION = 1  # of the on-disk frozen item outputs; bump when what they hold changes
 ID_INIT_STD = 0.02  # hllm-id's item rows, as the ID baselines' (text+ID rows start at zero)
 
 
@@ -185,24 +190,59 @@ def _adaptor(kind: str, mostly_frozen: bool, item_width: int, user_width: int) -
 
 @torch.no_grad()
 def cache_frozen_items(
-    model: nn.Module, item_tokens: ItemTokens, *, batch_size: int, device: torch.device | str
+    model: nn.Module,
+    item_tokens: ItemTokens,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    store: Path | None = None,
 ) -> None:
     """Run the frozen part of an HLLM's Item LLM once over the catalogue and keep what it computes:
     the items' outputs when it is all frozen; with only its top layers trained, the token states
-    below. Other models (and an HLLM that fine-tunes its whole Item LLM) have nothing to cache."""
+    below. Other models (and an HLLM that fine-tunes its whole Item LLM) have nothing to cache.
+
+    With a `store` folder, an all-frozen side's outputs are also kept on disk under a key of
+    everything they depend on (the Item LLM's weights, the tokens, the batching, the device), so
+    the trials and seeds of a benchmark encode a catalogue once (SmolLM2: minutes per dataset)."""
     if not (isinstance(model, HLLM) and (model.frozen_items or model.top_layers_only)):
         return
     top_only = model.top_layers_only
     training = model.item_encoder.training
     model.item_encoder.eval()
     encode = model.item_encoder.lower_states if top_only else model.item_encoder
-    rows = []
-    for first in range(0, len(item_tokens), batch_size):
-        ids = np.arange(first, min(first + batch_size, len(item_tokens)))
-        rows.append(encode(pack_items(item_tokens, ids, appended_tokens=model.appended_tokens).to(device)))
+
+    def outputs() -> Tensor:
+        rows = []
+        for first in range(0, len(item_tokens), batch_size):
+            ids = np.arange(first, min(first + batch_size, len(item_tokens)))
+            packed = pack_items(item_tokens, ids, appended_tokens=model.appended_tokens)
+            rows.append(encode(packed.to(device)))
+        return torch.cat(rows)
+
     if top_only:
         lengths = torch.from_numpy(np.diff(item_tokens.offsets)).to(device) + model.appended_tokens
-        model.cache_lower_states(torch.cat(rows), torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))
+        model.cache_lower_states(outputs(), torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))
+    elif store is None:
+        model.cache_items(outputs())
     else:
-        model.cache_items(torch.cat(rows))
+        key = _outputs_key(model.item_encoder, item_tokens, batch_size, device)
+        path = Path(store) / "item-outputs" / f"{key}.pt"
+        if not path.exists():
+            table = outputs()
+            atomic_write(path, lambda tmp: torch.save(table.cpu(), tmp))
+        model.cache_items(torch.load(path, map_location=device, weights_only=True))
     model.item_encoder.train(training)
+
+
+def _outputs_key(encoder: nn.Module, item_tokens: ItemTokens, batch_size: int, device) -> str:
+    """A digest of everything a frozen Item LLM's catalogue outputs depend on."""
+    digest = hashlib.sha256()
+    kind = torch.device(device).type
+    settings = [OUTPUTS_VERSION, batch_size, kind, torch.is_autocast_enabled(kind), torch.__version__]
+    digest.update(json.dumps(settings + [encoder.pooling, encoder.appended_tokens]).encode())
+    for name, value in sorted(encoder.state_dict().items()):
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(item_tokens.ids.tobytes())
+    digest.update(item_tokens.offsets.tobytes())
+    return digest.hexdigest()[:24]
