@@ -89,6 +89,12 @@ class ItemConfig:
     """Dropout of the Item LLM while it trains (hidden and attention); None keeps the checkpoint's.
     0 as in the paper's LLaMA-family Item LLMs: MiniLM's 0.1 costs a fifth of a fine-tuning step on
     CPU (sampling masks, and attention dropout forces the unfused attention path)."""
+    standardize: bool = False
+    """mode=frozen: standardise the Item LLM's outputs per dimension (mean and std over the
+    catalogue less the protocol's new items, fixed when training starts, kept with the weights)
+    before the adaptor. A decoder's hidden
+    states share one dominant direction (SmolLM2-135M's mean-pooled outputs: mean pairwise cosine
+    0.96, 0.01 once centred); MiniLM's sentence embeddings do not need it."""
     id_embedding: bool = False
     """Text+ID items: add a learned ID row (zero at the start, in the User LLM's width, no weight
     decay) to each trained item's text embedding; items without a trained row (new, or added to a
@@ -248,6 +254,8 @@ class RunConfig:
                 "(or train.negatives=memory with model.item.train_layers > 0)",
                 where="train.negatives",
             )
+        if item.standardize and item.mode != "frozen":
+            raise UserError("standardised item outputs need model.item.mode=frozen", "model.item.standardize")
         if self.train.negatives == "memory" and not (item.train_layers and self.model.kind == "hllm"):
             raise UserError(
                 "a memory of item outputs needs model.kind=hllm and model.item.train_layers > 0",

@@ -1,5 +1,6 @@
 """HLLM's item sides beyond text: text+ID items (ID dropout per occurrence, text alone without a
-trained row), the hllm-id diagnostic, and the catalogue softmax over a refreshed memory."""
+trained row), the hllm-id diagnostic, the catalogue softmax over a refreshed memory, and frozen
+outputs standardised per dimension."""
 
 from __future__ import annotations
 
@@ -124,6 +125,34 @@ def test_text_and_id_learns_and_exports_the_evaluators_table(cycle_data, tmp_pat
     assert not np.allclose(added, artifact.embeddings[1:4], atol=1e-3)
 
 
+def test_standardised_frozen_outputs_train_save_and_serve(cycle_data, tmp_path):
+    """The statistics come from every item but PAD and the new ones, make those rows mean 0 / std 1,
+    travel with the weights and into the served
+    artifact, whose table is the evaluator's and whose text path equals the cache path."""
+    frozen = {"model__item__mode": "frozen", "model__item__standardize": "true", "train__epochs": 3}
+    model, _, _, data = built(cycle_data, tmp_path, **frozen)
+    rows = model.standardizer(model.item_cache[1:])
+    torch.testing.assert_close(rows.mean(0), torch.zeros(rows.shape[1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rows.std(0), torch.ones(rows.shape[1]), atol=1e-4, rtol=0)
+
+    held_out = torch.zeros(data.num_items, dtype=torch.bool)
+    held_out[1] = True
+    model.standardizer.std.zero_()
+    model.held_out_items = held_out
+    model.cache_items(model.item_cache)
+    torch.testing.assert_close(model.standardizer.mean, model.item_cache[2:].mean(0))
+
+    fit(load_config(None, tiny_overrides(cycle_data, tmp_path, **frozen)))
+    run = load_run(tmp_path / "tiny")
+    saved = torch.load(tmp_path / "tiny" / "checkpoints" / "best.ckpt", weights_only=False)["model"]
+    torch.testing.assert_close(run.model.standardizer.std, saved["standardizer.std"], atol=0, rtol=0)
+    table = item_table(run.model, run.data.num_items, run.item_tokens, batch_size=64)
+    artifact = load_artifact(export_run(tmp_path / "tiny", tmp_path / "artifact"))
+    np.testing.assert_allclose(artifact.embeddings, table.numpy(), atol=1e-6)
+    added = encode_texts(artifact, [artifact.texts[i] for i in range(1, 4)])
+    np.testing.assert_allclose(added, table[1:4].numpy(), atol=1e-5)
+
+
 def _log_rows(run_dir) -> list[dict]:
     import csv
 
@@ -179,6 +208,7 @@ def test_memory_keeps_the_batch_fresh_and_refreshes_on_schedule(cycle_data, tmp_
         (["train.negatives=memory"], "train_layers"),
         (["train.negatives=memory", "model.item.train_layers=1", "model.kind=hllm-id"], "model.kind=hllm"),
         (["train.negatives=catalogue"], "frozen"),
+        (["model.item.standardize=true", "train.negatives=sampled"], "mode=frozen"),
     ],
 )
 def test_negatives_that_need_a_cached_item_side_are_refused(overrides, match):

@@ -137,6 +137,7 @@ def _build_hllm(config: RunConfig, data: SequenceData) -> tuple[HLLM, ItemTokens
         item_ids=item_ids,
         id_dropout=item_cfg.id_dropout,
         memory_refresh=config.train.memory_refresh if config.train.negatives == "memory" else 0,
+        standardize=item_cfg.standardize,
         **_recipe(config),
     )
     item_tokens = tokenize_items(list(data.item_text), item_backbone.tokenizer, config.data.max_text_tokens)

@@ -51,6 +51,32 @@ class MlpAdaptor(nn.Module):
         return self.linear(x) + self.mlp(x)
 
 
+class OutputStandardizer(nn.Module):
+    """(x - mean) / std per dimension, with the statistics of a frozen Item LLM's catalogue outputs:
+    fitted once (`fit`), then saved and loaded with the weights like any buffer."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.zeros(width))  # zero: not fitted yet
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.std.any())
+
+    @torch.no_grad()
+    def fit(self, outputs: Tensor) -> None:
+        """Statistics of `outputs` (N, D_item): the rows of the items training may see."""
+        outputs = outputs.float()
+        self.mean.copy_(outputs.mean(0))
+        self.std.copy_(outputs.std(0).clamp_min(1e-6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fitted:
+            raise RuntimeError("standardised item outputs: fit the statistics before encoding items")
+        return (x.float() - self.mean) / self.std
+
+
 def build_adaptor(kind: Literal["none", "linear", "mlp"], item_width: int, user_width: int) -> nn.Module:
     """Map Item LLM outputs to the User LLM's width (the reference required equal widths)."""
     match kind:
@@ -102,6 +128,7 @@ class HLLM(nn.Module):
         item_ids: ItemIdTable | None = None,
         id_dropout: float = 0.0,
         memory_refresh: int = 0,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         if item_encoder is None and item_ids is None:
@@ -110,6 +137,8 @@ class HLLM(nn.Module):
         self.user_encoder = user_encoder
         self.item_ids = item_ids
         self.id_dropout = id_dropout
+        # Frozen outputs standardised per dimension (a module only when asked: no state otherwise).
+        self.standardizer = OutputStandardizer(item_width) if standardize else None
         self.projection = build_adaptor(adaptor, item_width, user_width)
         self.logit_scale = LogitScale(temperature)
         self.nce_threshold = nce_threshold
@@ -171,9 +200,12 @@ class HLLM(nn.Module):
 
     def _item_parts(self, item_ids: Tensor, text: PackedItems | None) -> tuple[Tensor, Tensor | None]:
         """The projected item side (N, D_user) and the ID rows to add to it (N, D_user; None: none)."""
-        base = self.projection(self._item_outputs(item_ids, text).float())
+        base = self.projection(self._standardized(self._item_outputs(item_ids, text).float()))
         adds_ids = self.item_ids is not None and self.item_encoder is not None
         return base, self.item_ids(item_ids) if adds_ids else None
+
+    def _standardized(self, outputs: Tensor) -> Tensor:
+        return outputs if self.standardizer is None else self.standardizer(outputs)
 
     @staticmethod
     def _combine(base: Tensor, ids: Tensor | None) -> Tensor:
@@ -206,8 +238,16 @@ class HLLM(nn.Module):
 
     @torch.no_grad()
     def cache_items(self, raw_table: Tensor) -> None:
-        """Store the frozen Item LLM outputs for every item id (row 0 = PAD)."""
+        """Store the frozen Item LLM outputs for every item id (row 0 = PAD); fit the standardiser
+        on every row but PAD and the protocol's new items, unless it already holds statistics
+        (loaded with the weights)."""
         self.item_cache = raw_table.detach()
+        if self.standardizer is not None and not self.standardizer.fitted:
+            trained = torch.ones(len(raw_table), dtype=torch.bool, device=raw_table.device)
+            trained[0] = False
+            if self.held_out_items is not None:
+                trained &= ~self.held_out_items
+            self.standardizer.fit(raw_table[trained])
 
     @torch.no_grad()
     def cache_lower_states(self, states: Tensor, offsets: Tensor) -> None:
