@@ -243,11 +243,11 @@ class HLLM(nn.Module):
         (loaded with the weights)."""
         self.item_cache = raw_table.detach()
         if self.standardizer is not None and not self.standardizer.fitted:
-            trained = torch.ones(len(raw_table), dtype=torch.bool, device=raw_table.device)
-            trained[0] = False
+            visible = torch.ones(len(raw_table), dtype=torch.bool, device=raw_table.device)
+            visible[0] = False
             if self.held_out_items is not None:
-                trained &= ~self.held_out_items
-            self.standardizer.fit(raw_table[trained])
+                visible &= ~self.held_out_items
+            self.standardizer.fit(raw_table[visible])
 
     @torch.no_grad()
     def cache_lower_states(self, states: Tensor, offsets: Tensor) -> None:
