@@ -127,8 +127,8 @@ def test_text_and_id_learns_and_exports_the_evaluators_table(cycle_data, tmp_pat
 
 def test_standardised_frozen_outputs_train_save_and_serve(cycle_data, tmp_path):
     """The statistics come from every item but PAD and the new ones, make those rows mean 0 / std 1,
-    travel with the weights and into the served
-    artifact, whose table is the evaluator's and whose text path equals the cache path."""
+    travel with the weights and into the served artifact, whose table is the evaluator's and whose
+    text path equals the cache path."""
     frozen = {"model__item__mode": "frozen", "model__item__standardize": "true", "train__epochs": 3}
     model, _, _, data = built(cycle_data, tmp_path, **frozen)
     rows = model.standardizer(model.item_cache[1:])
