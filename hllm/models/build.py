@@ -228,10 +228,12 @@ def cache_frozen_items(
     else:
         key = _outputs_key(model.item_encoder, item_tokens, batch_size, device)
         path = Path(store) / "item-outputs" / f"{key}.pt"
-        if not path.exists():
+        if path.exists():
+            table = torch.load(path, map_location=device, weights_only=True)
+        else:
             table = outputs()
             atomic_write(path, lambda tmp: torch.save(table.cpu(), tmp))
-        model.cache_items(torch.load(path, map_location=device, weights_only=True))
+        model.cache_items(table)
     model.item_encoder.train(training)
 
 

@@ -52,10 +52,9 @@ class FactSelector(nn.Module):
         if users is None:
             return [[] for _ in items]
         interests = self.interests(users)
+        # every distinct phrase of the batch in one encoder pass, not a row at a time
         phrases = sorted({text for original, facts in items for text in (original, *(f.text for f in facts))})
-        embedded = dict(
-            zip(phrases, encoder.encode(phrases), strict=True)
-        )  # one batched pass, not a row at a time
+        embedded = dict(zip(phrases, encoder.encode(phrases), strict=True))
         chosen = []
         for (original, facts), interest in zip(items, interests, strict=True):
             scores = np.array([float(embedded[fact.text] @ interest) for fact in facts])
