@@ -28,7 +28,15 @@ from hllm.errors import UserError
 from hllm.evaluate import evaluate_split, protocol_card
 from hllm.files import write_json, write_text
 from hllm.models.build import build_model, cache_frozen_items
-from hllm.runs import checkpoint_path, config_hash, read_checkpoint, run_folder
+from hllm.runs import (
+    check_frozen_item_llm,
+    checkpoint_fields,
+    checkpoint_path,
+    config_hash,
+    load_weights,
+    read_checkpoint,
+    run_folder,
+)
 from hllm.training_log import make_logger
 
 NO_DECAY = ("bias", "norm", "embed", "item_token", "logit_scale")
@@ -136,7 +144,10 @@ def resume_state(fabric: L.Fabric, path: Path, model, optimizer, scheduler) -> T
     the model, optimizer, scheduler and RNG loaded from that `run_epochs` checkpoint."""
     if not path.exists():
         return TrainState()
-    extra = fabric.load(path, {"model": model, "optimizer": optimizer})
+    # A checkpoint without the frozen Item LLM (checked by its fingerprint) loads the rest only.
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    complete = not check_frozen_item_llm(model.module, saved, str(path))
+    extra = fabric.load(path, {"model": model, "optimizer": optimizer}, strict=complete)
     scheduler.load_state_dict(extra["scheduler"])
     state = TrainState(**extra["train_state"])
     torch.set_rng_state(extra["rng"])
@@ -144,10 +155,11 @@ def resume_state(fabric: L.Fabric, path: Path, model, optimizer, scheduler) -> T
     return state
 
 
-def save_checkpoint(fabric: L.Fabric, path: Path, state: dict) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a half-written checkpoint."""
+def save_checkpoint(fabric: L.Fabric, path: Path, state: dict, keep: dict | None = None) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a half-written checkpoint.
+    `keep`: Fabric's filter of what to save of each object (see `checkpoint_fields`)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fabric.save(tmp, state)
+    fabric.save(tmp, state, filter=keep)
     fabric.barrier()
     if fabric.global_rank == 0:
         tmp.replace(path)
@@ -243,6 +255,7 @@ def run_epochs(
     best.ckpt on gains. A checkpoint holds what `resume_state` reloads, plus the config."""
     folder = run_folder(config)
     last, best = checkpoint_path(folder, "last"), checkpoint_path(folder, "best")
+    keep, fields = checkpoint_fields(model.module)
 
     def snapshot(path: Path) -> None:
         save_checkpoint(
@@ -255,7 +268,9 @@ def run_epochs(
                 "train_state": asdict(state),
                 "rng": torch.get_rng_state(),
                 "config": config_to_dict(config),
-            },
+            }
+            | fields,
+            keep=keep,
         )
 
     guard = GuardRails(fabric)
@@ -333,7 +348,8 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
 
         def finish(model: nn.Module, state: TrainState, seconds: float) -> dict:
             """Reload the best checkpoint, score valid and test once."""
-            model.load_state_dict(read_checkpoint(checkpoint_path(run_folder(config), "best"))["model"])
+            best = checkpoint_path(run_folder(config), "best")
+            load_weights(model, read_checkpoint(best), str(best))
             result = {split: evaluate(model, split) for split in ("valid", "test")}
             card = protocol_card(data, "test", model=config.model.kind, config_hash=config_hash(config))
             return result | {"protocol": card, "train": train_summary(model, state, seconds)}

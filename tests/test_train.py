@@ -15,9 +15,9 @@ from hllm.data.text import pack_items
 from hllm.epoch import LOSS_WINDOW, GuardRails, TrainState
 from hllm.errors import UserError
 from hllm.evaluate import evaluate
-from hllm.models.build import build_model, cache_frozen_items
+from hllm.models.build import build_model, cache_frozen_items, hash_weights
 from hllm.models.hllm import HLLM
-from hllm.runs import load_run
+from hllm.runs import FROZEN_ITEM_LLM, load_run
 from hllm.train import fit, launch_fabric, make_batches, make_fabric, record_validation
 from hllm.training_log import make_logger
 from tests.support import tiny_overrides
@@ -100,15 +100,18 @@ def test_in_batch_negatives_add_the_batch_items_once(cycle_data, tmp_path):
     assert layers[0].output.dense.weight.grad is None
 
 
-def test_two_epochs_equal_one_epoch_then_resume(cycle_data, tmp_path, monkeypatch):
-    straight = load_config(None, tiny_overrides(cycle_data, tmp_path, name="straight", train__epochs=2))
+@pytest.mark.parametrize("mode", ["finetune", "frozen"])
+def test_two_epochs_equal_one_epoch_then_resume(cycle_data, tmp_path, monkeypatch, mode):
+    """Also with a frozen Item LLM, which its checkpoints leave out and the resumed run rebuilds."""
+    extra = {"train__epochs": 2, "model__item__mode": mode}
+    straight = load_config(None, tiny_overrides(cycle_data, tmp_path, name="straight", **extra))
     fit(straight)
 
-    interrupted = load_config(None, tiny_overrides(cycle_data, tmp_path, name="resumed", train__epochs=2))
+    interrupted = load_config(None, tiny_overrides(cycle_data, tmp_path, name="resumed", **extra))
     real_save = train_module.save_checkpoint
 
-    def save_then_die(fabric, path, state):
-        real_save(fabric, path, state)
+    def save_then_die(fabric, path, state, **kwargs):
+        real_save(fabric, path, state, **kwargs)
         if path.name == "last.ckpt":
             raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
@@ -134,10 +137,10 @@ def test_a_resumed_run_continues_the_csv_log_from_its_checkpoint(cycle_data, tmp
     log = tmp_path / "tiny" / "logs" / "metrics.csv"
     real_save = train_module.save_checkpoint
 
-    def die_at_step_8(fabric, path, state):
+    def die_at_step_8(fabric, path, state, **kwargs):
         if path.name == "last.ckpt" and state["train_state"]["step"] == 8:
             raise KeyboardInterrupt
-        real_save(fabric, path, state)
+        real_save(fabric, path, state, **kwargs)
 
     monkeypatch.setattr(train_module, "save_checkpoint", die_at_step_8)
     with pytest.raises(KeyboardInterrupt):
@@ -172,8 +175,9 @@ def test_a_resumed_tensorboard_log_hides_the_steps_after_its_checkpoint(tmp_path
     assert logged == [(step, step + (step > 6) / 2) for step in range(1, 10)]
 
 
-def test_checkpoint_round_trip_gives_the_same_metrics(cycle_data, tmp_path):
-    config = load_config(None, tiny_overrides(cycle_data, tmp_path, train__epochs=2))
+@pytest.mark.parametrize("mode", ["finetune", "frozen"])
+def test_checkpoint_round_trip_gives_the_same_metrics(cycle_data, tmp_path, mode):
+    config = load_config(None, tiny_overrides(cycle_data, tmp_path, train__epochs=2, model__item__mode=mode))
     result = fit(config)
     run = load_run(tmp_path / "tiny")
     again = evaluate(
@@ -185,6 +189,23 @@ def test_checkpoint_round_trip_gives_the_same_metrics(cycle_data, tmp_path):
         max_history=config.data.max_history,
     )
     assert again == result["test"]
+
+
+def test_a_frozen_item_llm_stays_out_of_checkpoints_and_is_checked_on_load(cycle_data, tmp_path):
+    """A frozen Item LLM's weights are the config's own: checkpoints keep only their fingerprint,
+    and a run rebuilt with other weights is refused in one line instead of scoring with them."""
+    config = load_config(None, tiny_overrides(cycle_data, tmp_path, model__item__mode="frozen"))
+    fit(config)
+    path = tmp_path / "tiny" / "checkpoints" / "best.ckpt"
+    saved = torch.load(path, weights_only=False)
+    assert saved["model"] and not [name for name in saved["model"] if name.startswith("item_encoder.")]
+    run = load_run(tmp_path / "tiny")
+    assert saved[FROZEN_ITEM_LLM] == hash_weights(run.model.item_encoder)
+    assert any(name.startswith("item_encoder.") for name in run.model.state_dict())  # export needs them
+
+    torch.save(saved | {FROZEN_ITEM_LLM: "0" * 64}, path)
+    with pytest.raises(UserError, match="frozen Item LLM .* weights differ"):
+        load_run(tmp_path / "tiny")
 
 
 def test_learns_ml100k_far_beyond_chance(ml100k_small, tmp_path):

@@ -243,9 +243,17 @@ def _outputs_key(encoder: nn.Module, item_tokens: ItemTokens, batch_size: int, d
     kind = torch.device(device).type
     settings = [OUTPUTS_VERSION, batch_size, kind, torch.is_autocast_enabled(kind), torch.__version__]
     digest.update(json.dumps(settings + [encoder.pooling, encoder.appended_tokens]).encode())
-    for name, value in sorted(encoder.state_dict().items()):
-        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    hash_weights(encoder, digest)
     digest.update(item_tokens.ids.tobytes())
     digest.update(item_tokens.offsets.tobytes())
     return digest.hexdigest()[:24]
+
+
+def hash_weights(module: nn.Module, digest: hashlib._Hash | None = None) -> str:
+    """sha256 of every tensor of `module`'s state (name, dtype, shape and bytes), fed to `digest`
+    (a new one if None); returns its hex digest."""
+    digest = digest or hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
