@@ -136,9 +136,9 @@ def test_baselines_are_tuned_on_validation_and_the_best_setting_is_used_for_ever
     assert result.exit_code == 0 and json.loads((tmp_path / "tuning.json").read_text()) == trials
 
 
-def _records(model: str, kind: str, valid: float, test: float) -> list[dict]:
+def _records(model: str, kind: str, valid: float, test: float, ids: bool = False) -> list[dict]:
     scores = {"recall@10": test, "ndcg@10": test}
-    config = {"model": {"kind": kind}}
+    config = {"model": {"kind": kind, "item": {"id_embedding": ids}}}
     return [{"model": model, "valid": {"ndcg@10": valid}, "test": scores, "config": config}]
 
 
@@ -146,12 +146,15 @@ def test_the_best_model_of_a_family_is_chosen_on_validation_not_test():
     models = {
         "hllm-a": _records("hllm-a", "hllm", valid=0.10, test=0.30),  # best on test only
         "hllm-b": _records("hllm-b", "hllm", valid=0.12, test=0.20),
+        "hllm-b-id": _records("hllm-b-id", "hllm", valid=0.13, test=0.26, ids=True),
         "sasrec-ce": _records("sasrec-ce", "sasrec", valid=0.11, test=0.25),
         "popularity": _records("popularity", "popularity", valid=0.50, test=0.50),
     }
     (line, _) = best_lines(models, "ndcg@10")
-    assert "HLLM `hllm-b`" in line and "ID baseline `sasrec-ce`" in line
-    assert "recall@10 -20%" in line  # 0.20 vs 0.25
+    assert "HLLM `hllm-b-id`" in line and "ID baseline `sasrec-ce`" in line
+    assert "recall@10 +4%" in line  # 0.26 vs 0.25
+    assert "text-only HLLM (no item-ID table), chosen the same way: `hllm-b`" in line
+    assert "0.80x the baseline's recall@10" in line  # 0.20 vs 0.25
 
 
 def test_report_tables_and_plots_recall_per_target_bucket(tmp_path):
