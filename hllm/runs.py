@@ -11,21 +11,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hllm.checkpoints import load_weights, read_checkpoint
 from hllm.config import RunConfig, check_data_moved, config_to_dict, load_config
 from hllm.data.dataset import SequenceData, prepare_dataset
 from hllm.data.text import ItemTokens
 from hllm.errors import UserError
 from hllm.files import hash_json
-from hllm.models.build import build_model, cache_frozen_items, hash_weights
-from hllm.models.hllm import HLLM
+from hllm.models.build import build_model, cache_frozen_items
 
 
 def run_folder(config: RunConfig) -> Path:
     return Path(config.out_dir) / config.name
-
-
-# A checkpoint's key for the fingerprint of an Item LLM it leaves out (see `frozen_item_llm`).
-FROZEN_ITEM_LLM = "frozen_item_llm"
 
 
 def checkpoint_path(folder: Path, name: str) -> Path:
@@ -46,17 +42,6 @@ class Run:
     item_tokens: ItemTokens | None
 
 
-def read_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError("no checkpoint here; train first (hllm train CONFIG)", where=str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise UserError(
-            f"checkpoint is damaged or not a checkpoint ({type(err).__name__})", where=str(path)
-        ) from None
-
-
 def run_config(folder: Path) -> RunConfig:
     """The config a run folder (a recommender's or a Creator's) was trained with."""
     if not (folder / "config.yaml").is_file():
@@ -71,57 +56,6 @@ def model_weights(folder: Path, checkpoint: str) -> dict[str, torch.Tensor]:
     if weights is None:
         raise UserError("checkpoint has no model weights", where=str(path))
     return weights
-
-
-def frozen_item_llm(model: nn.Module) -> str | None:
-    """The state-dict prefix of an HLLM's Item LLM when it is frozen whole, else None.
-
-    Its weights are the pretrained ones the run's config names, rebuilt with the model, so a
-    checkpoint leaves them out (SmolLM2-135M: 540 MB in each of a run's two checkpoints) and keeps
-    their fingerprint (`hash_weights`) instead, checked when the weights are loaded back."""
-    return "item_encoder." if isinstance(model, HLLM) and model.frozen_items else None
-
-
-def checkpoint_fields(model: nn.Module) -> tuple[dict | None, dict]:
-    """What `fabric.save` needs to leave a frozen Item LLM out of a checkpoint of `model`: its
-    filter (None: save everything) and the fields to add (the fingerprint)."""
-    prefix = frozen_item_llm(model)
-    if prefix is None:
-        return None, {}
-    return {"model": lambda name, _: not name.startswith(prefix)}, {
-        FROZEN_ITEM_LLM: hash_weights(model.item_encoder)
-    }
-
-
-def check_frozen_item_llm(model: nn.Module, checkpoint: dict, where: str) -> bool:
-    """True when `checkpoint` left `model`'s frozen Item LLM out, after checking that the one the
-    model was rebuilt with is the one it was trained with; False when the checkpoint has it all."""
-    saved = checkpoint.get(FROZEN_ITEM_LLM)
-    if saved is None:
-        return False
-    if frozen_item_llm(model) is None or saved != hash_weights(model.item_encoder):
-        raise UserError(
-            "the frozen Item LLM this run was trained with is not the one model.item.backbone "
-            "loads now (its weights differ); point the config at the original weights",
-            where=where,
-        )
-    return True
-
-
-def load_weights(model: nn.Module, checkpoint: dict, where: str) -> None:
-    """A checkpoint's model weights into `model`: every key, except a frozen Item LLM that the
-    checkpoint left out (see `frozen_item_llm`) and whose fingerprint matches."""
-    weights = checkpoint.get("model")
-    if weights is None:
-        raise UserError("checkpoint has no model weights", where=where)
-    if not check_frozen_item_llm(model, checkpoint, where):
-        model.load_state_dict(weights)
-        return
-    prefix = frozen_item_llm(model)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or any(not name.startswith(prefix) for name in missing):
-        wrong = unexpected or [name for name in missing if not name.startswith(prefix)]
-        raise UserError(f"checkpoint does not fit the model: {', '.join(wrong[:3])}", where=where)
 
 
 def load_run(folder: str | Path, *, checkpoint: str = "best") -> Run:

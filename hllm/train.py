@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.torch_version import TorchVersion
 
+from hllm.checkpoints import checkpoint_fields, load_weights, read_checkpoint, resume_state, save_checkpoint
 from hllm.config import RunConfig, absolute_paths, config_to_dict, dump_config
 from hllm.data.batches import TrainBatches
 from hllm.data.dataset import prepare_dataset
@@ -28,15 +29,7 @@ from hllm.errors import UserError
 from hllm.evaluate import evaluate_split, protocol_card
 from hllm.files import write_json, write_text
 from hllm.models.build import build_model, cache_frozen_items
-from hllm.runs import (
-    check_frozen_item_llm,
-    checkpoint_fields,
-    checkpoint_path,
-    config_hash,
-    load_weights,
-    read_checkpoint,
-    run_folder,
-)
+from hllm.runs import checkpoint_path, config_hash, run_folder
 from hllm.training_log import make_logger
 
 NO_DECAY = ("bias", "norm", "embed", "item_token", "logit_scale")
@@ -137,33 +130,6 @@ def last_checkpoint(folder: Path, *, resume: bool) -> Path:
             "run folder already has checkpoints; pass --resume or another name=", where=str(folder)
         )
     return last
-
-
-def resume_state(fabric: L.Fabric, path: Path, model, optimizer, scheduler) -> TrainState:
-    """Where training stands: the start when `path` (see `last_checkpoint`) does not exist, else
-    the model, optimizer, scheduler and RNG loaded from that `run_epochs` checkpoint."""
-    if not path.exists():
-        return TrainState()
-    # A checkpoint without the frozen Item LLM (checked by its fingerprint) loads the rest only.
-    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    complete = not check_frozen_item_llm(model.module, saved, str(path))
-    extra = fabric.load(path, {"model": model, "optimizer": optimizer}, strict=complete)
-    scheduler.load_state_dict(extra["scheduler"])
-    state = TrainState(**extra["train_state"])
-    torch.set_rng_state(extra["rng"])
-    fabric.print(f"resumed from {path} at epoch {state.epoch}, step {state.step}")
-    return state
-
-
-def save_checkpoint(fabric: L.Fabric, path: Path, state: dict, keep: dict | None = None) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a half-written checkpoint.
-    `keep`: Fabric's filter of what to save of each object (see `checkpoint_fields`)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fabric.save(tmp, state, filter=keep)
-    fabric.barrier()
-    if fabric.global_rank == 0:
-        tmp.replace(path)
-    fabric.barrier()  # no rank reads the path before it is renamed
 
 
 def use_deterministic_kernels(enabled: bool) -> None:

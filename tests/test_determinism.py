@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from hllm.checkpoints import read_checkpoint
 from hllm.config import load_config
-from hllm.runs import checkpoint_path, read_checkpoint
+from hllm.runs import checkpoint_path
 from hllm.train import fit
 from tests.support import CYCLE_ITEMS, CYCLE_TITLES, tiny_overrides
 

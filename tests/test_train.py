@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hllm import train as train_module
+from hllm.checkpoints import FROZEN_ITEM_LLM
 from hllm.config import load_config
 from hllm.data.dataset import prepare_dataset
 from hllm.data.text import pack_items
@@ -17,7 +18,7 @@ from hllm.errors import UserError
 from hllm.evaluate import evaluate
 from hllm.models.build import build_model, cache_frozen_items, hash_weights
 from hllm.models.hllm import HLLM
-from hllm.runs import FROZEN_ITEM_LLM, load_run
+from hllm.runs import load_run
 from hllm.train import fit, launch_fabric, make_batches, make_fabric, record_validation
 from hllm.training_log import make_logger
 from tests.support import tiny_overrides

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from hllm.files import atomic_path, write_text  # noqa: E402
 
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50", "mrr")
+HEADLINE = ("recall@10", "ndcg@10")  # what the best HLLM is compared with the best ID baseline on
 # The evaluator's target buckets (README: Protocols): new vs trained items, popularity by training
 # count, history length. A bucket without users on a dataset is left out of its table and plot.
 BUCKETS = ("new", "trained", "head", "torso", "tail", "hist_1_3", "hist_4_7", "hist_8_plus")
@@ -72,16 +73,14 @@ def best_lines(models: dict[str, list[dict]], metric: str) -> list[str]:
         """Test recall@10 and ndcg@10 of `ours` over `theirs`, each a mean over seeds."""
         return [
             statistics.mean(r["test"][m] for r in ours) / statistics.mean(r["test"][m] for r in theirs)
-            for m in ("recall@10", "ndcg@10")
+            for m in HEADLINE
         ]
 
     hllm = best(lambda record: family(record) == "HLLM")
     baseline = best(lambda record: family(record) == "ID baseline")
     if hllm is None or baseline is None:
         return []
-    gaps = [
-        f"{m} {100 * (r - 1):+.0f}%" for m, r in zip(("recall@10", "ndcg@10"), ratios(hllm[1], baseline[1]))
-    ]
+    gaps = [f"{m} {100 * (r - 1):+.0f}%" for m, r in zip(HEADLINE, ratios(hllm[1], baseline[1]))]
     lines = [
         f"Best of each family, chosen on mean valid {metric} (never on test): HLLM `{hllm[0]}`, "
         f"ID baseline `{baseline[0]}`; HLLM vs baseline on test: {', '.join(gaps)}."
