@@ -28,7 +28,12 @@ def bench(
     models: Annotated[
         str, typer.Option(help="Comma-separated recipe names: configs/bench/NAME.yaml.")
     ] = "popularity,hllm-minilm-frozen",
-    seeds: Annotated[int, typer.Option(help="Seeds per (dataset, model).")] = 3,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            help="Seeds per (dataset, model); one for popularity and text-knn, which train nothing."
+        ),
+    ] = 3,
     protocol: Annotated[
         str,
         typer.Option(

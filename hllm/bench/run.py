@@ -23,7 +23,7 @@ PROTOCOLS = {  # --protocol -> the data.* settings it adds to every run (README:
     "new-items": ["data.cold_items=0.1"],
     "temporal": ["data.split=temporal"],
 }
-UNTRAINED = ("popularity", "text-knn")  # scored as built: nothing to fit
+UNTRAINED = ("popularity", "text-knn")  # scored as built: nothing to fit, the same under every seed
 QUICK = [
     "model.item.backbone=tiny-bert",
     "model.user.backbone=tiny-llama",
@@ -127,7 +127,8 @@ def run_bench(
         recipes.recipe_path(model)  # an unknown model fails before anything trains
     for dataset in map(dataset_name, datasets):
         for model in models:
-            missing = [seed for seed in range(seeds) if (dataset, model, seed) not in done]
+            runs = seeds if trains(model) else 1  # another seed of an UNTRAINED model repeats seed 0
+            missing = [seed for seed in range(runs) if (dataset, model, seed) not in done]
             grid = recipes.grid_of(model) if missing else None
             grid = grid[:grid_size] if grid and grid_size else grid
             best = tune(dataset, model, grid, out, quick=quick, extra=extra) if grid else None
@@ -144,6 +145,11 @@ def run_bench(
                         record["tuning"] = best["tuning"]
                 append_json(results_path, record)
     return json.loads(results_path.read_text()) if results_path.exists() else []
+
+
+def trains(model: str) -> bool:
+    """Whether `model`'s recipe fits anything (its kind is not UNTRAINED)."""
+    return load_config(recipes.recipe_path(model)).model.kind not in UNTRAINED
 
 
 def tune(
