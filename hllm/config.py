@@ -90,10 +90,11 @@ class ItemConfig:
     0 as in the paper's LLaMA-family Item LLMs: MiniLM's 0.1 costs a fifth of a fine-tuning step on
     CPU (sampling masks, and attention dropout forces the unfused attention path)."""
     standardize: bool = False
-    """mode=frozen: standardise the Item LLM's outputs per dimension (mean and std over the
-    catalogue less the protocol's new items, fixed when training starts, kept with the weights)
-    before the adaptor. A decoder's hidden states share one dominant direction (SmolLM2-135M's
-    mean-pooled outputs on amazon-office: mean pairwise cosine 0.96, 0.01 once centred; MiniLM's 0.72)."""
+    """mode=frozen (and text-knn, whose Item LLM is always frozen): standardise the Item LLM's
+    outputs per dimension (mean and std over the catalogue less the protocol's new items, fixed when
+    training starts, kept with the weights) before the adaptor (text-knn: before the cosine). A
+    decoder's hidden states share one dominant direction (SmolLM2-135M's mean-pooled outputs on
+    amazon-office: mean pairwise cosine 0.96, 0.01 once centred; MiniLM's 0.72)."""
     id_embedding: bool = False
     """Text+ID items: add a learned ID row (zero at the start, in the User LLM's width, no weight
     decay) to each trained item's text embedding; items without a trained row (new, or added to a
@@ -253,7 +254,7 @@ class RunConfig:
                 "(or train.negatives=memory with model.item.train_layers > 0)",
                 where="train.negatives",
             )
-        if item.standardize and item.mode != "frozen":
+        if item.standardize and item.mode != "frozen" and self.model.kind == "hllm":
             raise UserError("standardised item outputs need model.item.mode=frozen", "model.item.standardize")
         if self.train.negatives == "memory" and not (item.train_layers and self.model.kind == "hllm"):
             raise UserError(

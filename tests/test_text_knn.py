@@ -11,7 +11,7 @@ from hllm.data.dataset import prepare_dataset
 from hllm.errors import UserError
 from hllm.evaluate import evaluate, item_table
 from hllm.models.backbone import load_backbone
-from hllm.models.build import build_model
+from hllm.models.build import build_model, cache_frozen_items
 from hllm.models.item_encoder import ItemEncoder
 from hllm.models.text_knn import TextKnn
 from tests.support import tiny_overrides
@@ -50,3 +50,30 @@ def test_text_knn_refuses_token_pooling(cycle_data, tmp_path):
     with pytest.raises(UserError) as err:
         build_model(config, prepare_dataset(config.data))
     assert err.value.where == "model.item.pooling"
+
+
+def test_text_knn_encodes_the_catalogue_once_and_standardises_without_the_new_items(cycle_data, tmp_path):
+    """Cached (and kept in the store), text-knn scores as from text; standardised, its outputs are
+    centred and scaled with statistics of every item but PAD and the protocol's new items."""
+    overrides = [*tiny_overrides(cycle_data, tmp_path), "model.kind=text-knn"]
+    store = tmp_path / "store"
+    config = load_config(None, overrides)
+    data = prepare_dataset(config.data)
+    model, tokens = build_model(config, data)
+    from_text = item_table(model, data.num_items, tokens, batch_size=8)
+    cache_frozen_items(model, tokens, batch_size=8, device="cpu", store=store)
+    assert not model.needs_text and len(list(store.rglob("*.pt"))) == 1
+    torch.testing.assert_close(item_table(model, data.num_items, tokens, batch_size=8), from_text)
+
+    config = load_config(None, [*overrides, "model.item.standardize=true", "data.cold_items=0.25"])
+    data = prepare_dataset(config.data)
+    model, tokens = build_model(config, data)
+    cache_frozen_items(model, tokens, batch_size=8, device="cpu", store=store)
+    assert len(list(store.rglob("*.pt"))) == 1  # the same encoder and tokens: read back, not re-run
+    seen = torch.ones(data.num_items, dtype=torch.bool)
+    seen[0] = False
+    seen[torch.from_numpy(data.holdout.held_out)] = False
+    assert 0 < seen.sum() < data.num_items - 1
+    raw = model.item_cache[seen]
+    expected = F.normalize((model.item_cache - raw.mean(0)) / raw.std(0), dim=-1)
+    torch.testing.assert_close(item_table(model, data.num_items, None, batch_size=8), expected)

@@ -14,7 +14,7 @@ from hllm.data.dataset import prepare_dataset
 from hllm.errors import UserError
 from hllm.evaluate import evaluate_split, item_table, protocol_card
 from hllm.files import append_json
-from hllm.models.build import build_model
+from hllm.models.build import build_model, cache_frozen_items
 from hllm.runs import config_hash
 from hllm.train import fit
 
@@ -77,7 +77,9 @@ def run_record(config: RunConfig, dataset: str, model: str, seed: int) -> dict:
     data = prepare_dataset(config.data)
     if config.model.kind in UNTRAINED:
         scorer, tokens = build_model(config, data)
-        table = item_table(scorer, data.num_items, tokens, batch_size=config.eval.item_batch_size)
+        batch_size, store = config.eval.item_batch_size, Path(config.data.cache_dir)
+        cache_frozen_items(scorer, tokens, batch_size=batch_size, device="cpu", store=store)
+        table = item_table(scorer, data.num_items, tokens, batch_size=batch_size)
         result = {
             split: evaluate_split(config, scorer, data, tokens, split, table=table)
             for split in ("valid", "test")

@@ -19,7 +19,7 @@ from hllm.data.text import PAD_ID, ItemTokens, pack_items, tokenize_items
 from hllm.errors import UserError
 from hllm.files import atomic_write
 from hllm.models.backbone import load_backbone, set_dropout
-from hllm.models.hllm import HLLM
+from hllm.models.hllm import HLLM, OutputStandardizer
 from hllm.models.hstu import build_hstu
 from hllm.models.id_recommender import IdRecommender
 from hllm.models.item_encoder import ItemEncoder
@@ -73,7 +73,9 @@ def _build(config: RunConfig, data: SequenceData) -> tuple[nn.Module, ItemTokens
             item_tokens = tokenize_items(
                 list(data.item_text), backbone.tokenizer, config.data.max_text_tokens
             )
-            return TextKnn(ItemEncoder(backbone, pooling=config.model.item.pooling)), item_tokens
+            standardizer = OutputStandardizer(backbone.hidden_size) if config.model.item.standardize else None
+            encoder = ItemEncoder(backbone, pooling=config.model.item.pooling)
+            return TextKnn(encoder, standardizer=standardizer), item_tokens
 
 
 def _build_id_model(config: RunConfig, data: SequenceData) -> IdRecommender:
@@ -198,14 +200,15 @@ def cache_frozen_items(
     device: torch.device | str,
     store: Path | None = None,
 ) -> None:
-    """Run the frozen part of an HLLM's Item LLM once over the catalogue and keep what it computes:
-    the items' outputs when it is all frozen; with only its top layers trained, the token states
-    below. Other models (and an HLLM that fine-tunes its whole Item LLM) have nothing to cache.
+    """Run the frozen part of an HLLM's (or text-knn's) Item LLM once over the catalogue and keep
+    what it computes: the items' outputs when it is all frozen; with only its top layers trained,
+    the token states below. Other models (and an HLLM that fine-tunes its whole Item LLM) have
+    nothing to cache.
 
     With a `store` folder, an all-frozen side's outputs are also kept on disk under a key of
     everything they depend on (the Item LLM's weights, the tokens, the batching, the device), so
     the trials and seeds of a benchmark encode a catalogue once (SmolLM2: minutes per dataset)."""
-    if not (isinstance(model, HLLM) and (model.frozen_items or model.top_layers_only)):
+    if not (isinstance(model, HLLM | TextKnn) and (model.frozen_items or model.top_layers_only)):
         return
     top_only = model.top_layers_only
     training = model.item_encoder.training

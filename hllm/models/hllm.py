@@ -65,9 +65,14 @@ class OutputStandardizer(nn.Module):
         return bool(self.std.any())
 
     @torch.no_grad()
-    def fit(self, outputs: Tensor) -> None:
-        """Statistics of `outputs` (N, D_item): the rows of the items training may see."""
-        outputs = outputs.float()
+    def fit(self, raw_table: Tensor, held_out: Tensor | None) -> None:
+        """Statistics of the catalogue's outputs `raw_table` (N, D_item; row 0 = PAD) over the rows
+        a model may see: every item but PAD and the `held_out` (N,) bool new items."""
+        visible = torch.ones(len(raw_table), dtype=torch.bool, device=raw_table.device)
+        visible[0] = False
+        if held_out is not None:
+            visible &= ~held_out.to(raw_table.device)
+        outputs = raw_table[visible].float()
         self.mean.copy_(outputs.mean(0))
         self.std.copy_(outputs.std(0).clamp_min(1e-6))
 
@@ -243,11 +248,7 @@ class HLLM(nn.Module):
         (loaded with the weights)."""
         self.item_cache = raw_table.detach()
         if self.standardizer is not None and not self.standardizer.fitted:
-            visible = torch.ones(len(raw_table), dtype=torch.bool, device=raw_table.device)
-            visible[0] = False
-            if self.held_out_items is not None:
-                visible &= ~self.held_out_items
-            self.standardizer.fit(raw_table[visible])
+            self.standardizer.fit(raw_table, self.held_out_items)
 
     @torch.no_grad()
     def cache_lower_states(self, states: Tensor, offsets: Tensor) -> None:
