@@ -179,8 +179,9 @@ class TrainConfig:
     """Size of the negative bank shared by every position of a step (per process)."""
     negatives: Literal["sampled", "catalogue", "memory"] = "sampled"
     """sampled bank; the whole catalogue (item side frozen, or hllm-id); or memory: the whole
-    catalogue from a memory of every item's output, refreshed every train.memory_refresh steps, with
-    the batch's own items fresh (model.item.train_layers > 0; sampled negatives add fresh rows)."""
+    catalogue, targets included, from a memory of every item's output refreshed every
+    train.memory_refresh steps, fresh outputs feeding the User LLM's inputs only
+    (model.item.train_layers > 0)."""
     memory_refresh: int = positive(50)
     """negatives=memory: steps between recomputations of every item's output."""
     in_batch_negatives: bool = False

@@ -107,9 +107,12 @@ class HLLM(nn.Module):
     (`lower_states`). A catalogue softmax over outputs cached while the top layers train leaks:
     the model learns to tell the batch's fresh outputs from the stale rest. So the top-layer side
     uses the bank, which is encoded fresh (`in_batch_negatives` widens it for free), or a memory of
-    every item's output refreshed every `memory_refresh` steps, in which the batch's own items are
-    replaced by their fresh outputs: fresh on both sides of the softmax, stale only where an item is
-    nothing but a negative. The drift is logged as `memory_cosine` (memory row vs fresh output).
+    every item's output refreshed every `memory_refresh` steps. Every row of that softmax, the
+    targets' included, comes from the memory, and the fresh outputs feed only the User LLM's inputs
+    (so the top layers learn through the histories), as MoCo takes keys from one slow encoder:
+    with the batch's items fresh in the table and the rest from the memory, the User LLM learned to
+    prefer fresh rows even when the two agreed to cosine 0.98 (BENCHMARKS.md). The drift is logged
+    as `memory_cosine` (memory row vs fresh output).
 
     `item_ids` adds a learned ID row to every trained item's text embedding, each occurrence
     dropping it with probability `id_dropout` while training so that the text alone stays a good
@@ -283,7 +286,8 @@ class HLLM(nn.Module):
         scale = self.logit_scale()
         if self.catalogue_negatives:
             table = self._catalogue(batch.batch_items, base)  # (N, D)
-            positives = None if ids is None else target  # the targets' own ID dropout draws
+            # Text+ID: the targets' own ID dropout draws; from a memory, its rows like every other.
+            positives = None if ids is None or self.memory is not None else target
             out = catalogue_softmax(
                 user,
                 table,
@@ -315,8 +319,8 @@ class HLLM(nn.Module):
 
     def _catalogue(self, batch_items: Tensor, fresh: Tensor) -> Tensor:
         """Every item's embedding (N, D) for a catalogue softmax: from the frozen cache or the ID
-        table, or from the memory with the batch's items (U,) replaced by their `fresh` projected
-        outputs (U, D); text+ID rows each with their own ID dropout draw."""
+        table, or all from the memory (the batch's items (U,) too: their `fresh` projected outputs
+        (U, D) only measure the drift); text+ID rows each with their own ID dropout draw."""
         every = torch.arange(self.num_items, device=fresh.device)
         if self.memory is None:
             rows, ids = self._item_parts(every, None)
@@ -325,7 +329,6 @@ class HLLM(nn.Module):
             with torch.no_grad():
                 drift = F.cosine_similarity(rows[batch_items], fresh, dim=-1).mean()
             self.last_stats["memory_cosine"] = float(drift)
-            rows = rows.index_copy(0, batch_items, fresh)
             ids = None if self.item_ids is None else self.item_ids(every)
         if ids is not None:
             ids = drop_ids(ids, self.id_dropout, self.training)
