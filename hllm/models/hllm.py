@@ -111,8 +111,8 @@ class HLLM(nn.Module):
     targets' included, comes from the memory, and the fresh outputs feed only the User LLM's inputs
     (so the top layers learn through the histories), as MoCo takes keys from one slow encoder:
     with the batch's items fresh in the table and the rest from the memory, the User LLM learned to
-    prefer fresh rows even when the two agreed to cosine 0.98 (BENCHMARKS.md). The drift is logged
-    as `memory_cosine` (memory row vs fresh output).
+    prefer fresh rows even when the two agreed to cosine 0.92-0.98 (BENCHMARKS.md). The drift is
+    logged as `memory_cosine` (memory row vs fresh output).
 
     `item_ids` adds a learned ID row to every trained item's text embedding, each occurrence
     dropping it with probability `id_dropout` while training so that the text alone stays a good
