@@ -15,9 +15,9 @@ from itertools import combinations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from hllm.bench.run import record_config
+from hllm.data.dataset import SequenceData
 from hllm.evaluate import item_table, rank_users, training_counts
 from hllm.runs import load_run
 from hllm.train import fit
@@ -30,41 +30,40 @@ BANDS = [0, 20, 60, 150, np.inf]  # training interactions of the target
 RESAMPLES = 5000
 
 
-def ranks(out: Path, model: str, checkpoint: str) -> dict[str, np.ndarray]:
-    """(U,) 1-based rank of every user's valid and test target (0: none) under `model`'s run."""
+def ranks(out: Path, model: str, checkpoint: str) -> tuple[dict[str, np.ndarray], SequenceData]:
+    """(U,) 1-based rank of every user's valid and test target (0: none) under `model`'s run, and
+    the run's data."""
     config = record_config("ml-100k", model, 0, out, quick=False, extra=CHOSEN[model], tag="t")
     folder = out / "runs" / config.name
     if not (folder / "metrics.json").exists():  # written when a run finishes
         fit(config, resume=True)
     run = load_run(folder, checkpoint=checkpoint)
     table = item_table(run.model, run.data.num_items, run.item_tokens, batch_size=256)
-    return {
+    by_split = {
         split: rank_users(
             run.model, run.data, table, split, batch_size=256, max_history=run.config.data.max_history
         ).numpy()
         for split in ("valid", "test")
-    } | {"data": run.data}
+    }
+    return by_split, run.data
 
 
-def tie_order_consistency(data_file: Path, shuffle: bool) -> float:
+def tie_order_consistency(data: SequenceData, shuffle: bool) -> float:
     """Mean majority share of the order of each item pair rated in one second by one user (pairs
-    seen at least 8 times), in the file's order or shuffled: how far that order carries a pattern."""
-    frame = pd.read_csv(data_file, sep="\t")
-    frame.columns = [column.split(":")[0] for column in frame.columns]
-    frame = frame[frame.duplicated(["user_id", "timestamp"], keep=False)].copy()
-    frame["order"] = np.random.default_rng(0).permutation(len(frame)) if shuffle else np.arange(len(frame))
+    seen at least 8 times), in the file's order (which the dataset keeps inside a second) or
+    shuffled inside each second: how far that order carries a pattern."""
+    rng = np.random.default_rng(0)
     first = defaultdict(lambda: [0, 0])
-    for _, group in frame.sort_values("order").groupby(["user_id", "timestamp"]):
-        items = group["item_id"].to_numpy()
-        for i, j in combinations(range(len(items)), 2):
-            first[min(items[i], items[j]), max(items[i], items[j])][int(items[i] > items[j])] += 1
+    for user in range(data.num_users):
+        items, times = data.sequence(user), data.timestamps[data.offsets[user] : data.offsets[user + 1]]
+        for second in np.split(items, np.flatnonzero(times[1:] != times[:-1]) + 1):
+            for a, b in combinations(rng.permutation(second) if shuffle else second, 2):
+                first[min(a, b), max(a, b)][int(a > b)] += 1
     return float(np.mean([max(pair) / sum(pair) for pair in first.values() if sum(pair) >= 8]))
 
 
 def main(out: Path) -> None:
-    id_model, hllm = (ranks(out, model, "best") for model in CHOSEN)
-    data = id_model.pop("data")
-    hllm.pop("data")
+    (id_model, data), (hllm, _) = (ranks(out, model, "best") for model in CHOSEN)
     rng = np.random.default_rng(0)
     for split in ("valid", "test"):
         scored = id_model[split] > 0
@@ -80,9 +79,7 @@ def main(out: Path) -> None:
         )
     tied = data.timestamps[data.target_positions("valid")] == data.timestamps[data.target_positions("test")]
     print(f"users whose valid and test items share a timestamp: {tied.mean():.1%}")
-    data_file = Path(record_config("ml-100k", "sasrec-ce", 0, out, quick=False, extra=[]).data.path)
-    data_file = next(data_file.glob("*.inter"))
-    file_order, shuffled = (tie_order_consistency(data_file, shuffle) for shuffle in (False, True))
+    file_order, shuffled = (tie_order_consistency(data, shuffle) for shuffle in (False, True))
     print(f"order of co-rated pairs, mean majority share: file {file_order:.3f}, shuffled {shuffled:.3f}")
     for split in ("valid", "test"):
         for name, members in (("tied", tied), ("not tied", ~tied)):
@@ -101,7 +98,7 @@ def main(out: Path) -> None:
                 f"SASRec-CE {(id_model[split][scored][band] <= 10).mean():.3f}, "
                 f"HLLM {(hllm[split][scored][band] <= 10).mean():.3f}"
             )
-    last_id, last_hllm = (ranks(out, model, "last") for model in CHOSEN)
+    (last_id, _), (last_hllm, _) = (ranks(out, model, "last") for model in CHOSEN)
     print(
         f"last checkpoints, test R@10: SASRec-CE {(last_id['test'][last_id['test'] > 0] <= 10).mean():.4f}, "
         f"HLLM {(last_hllm['test'][last_hllm['test'] > 0] <= 10).mean():.4f}"
