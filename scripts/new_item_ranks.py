@@ -32,7 +32,7 @@ def main(folder: str) -> None:
     text = F.normalize(text, dim=-1)  # the item side as the recipe reads it, before the adaptor
     new = torch.from_numpy(training_counts(data) == 0)
     new[0] = False
-    z_new, top_new, new_ranks, targets_new, near = [], [], [], [], {True: [], False: []}
+    z_new, top_new, new_ranks, targets_new, near_last = [], [], [], [], []
     for batch in eval_batches(data, "test", batch_size=256, max_history=run.config.data.max_history):
         scores = model.encode_users(batch.history, table).float() @ table.T  # (B, N)
         mask_history(scores, batch.seen, batch.targets)
@@ -48,9 +48,7 @@ def main(folder: str) -> None:
         by_text = text[batch.history[:, -1]] @ text.T  # (B, N) cosine to the last history item
         by_text[:, 0] = -torch.inf
         nearest = by_text.topk(11).indices[:, 1:]  # the last item itself is the first
-        hit = (nearest == batch.targets[:, None]).any(1)
-        for flag in (True, False):
-            near[flag].append(hit[is_new == flag])
+        near_last.append((nearest == batch.targets[:, None]).any(1))
     ranks = torch.cat(new_ranks).float()
     print(f"catalogue: {data.num_items - 1} items, {int(new.sum())} new ({new.float().mean():.1%})")
     targets_new = torch.cat(targets_new)
@@ -58,9 +56,9 @@ def main(folder: str) -> None:
     print(f"new items' share of the top-10 slots: {torch.cat(top_new).mean():.1%}")
     print(f"a new item's score, in std above the user's mean score: {torch.cat(z_new).mean():+.3f}")
     print(f"new targets: R@10 {(ranks <= 10).float().mean():.4f}, median rank {ranks.median():.0f}")
-    for flag, name in ((True, "new"), (False, "trained")):
-        share = torch.cat(near[flag]).float().mean()
-        print(f"{name} targets among the last item's 10 nearest texts: {share:.1%}")
+    near_last = torch.cat(near_last).float()
+    for members, name in ((targets_new, "new"), (~targets_new, "trained")):
+        print(f"{name} targets among the last item's 10 nearest texts: {near_last[members].mean():.1%}")
 
 
 if __name__ == "__main__":

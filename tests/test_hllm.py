@@ -184,7 +184,7 @@ def test_memory_holds_every_softmax_row_and_refreshes_on_schedule(cycle_data, tm
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model.train()
     memories, drift = [], []
-    top = [p for name, p in model.item_encoder.named_parameters() if p.requires_grad]
+    top = [p for p in model.item_encoder.parameters() if p.requires_grad]
     for step in range(4):
         optimizer.zero_grad()
         model.training_loss(batches[step % len(batches)]).backward()
