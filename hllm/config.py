@@ -151,6 +151,15 @@ class ModelConfig:
     """Initial InfoNCE temperature (learnable; its inverse is clamped to [1, 100])."""
     nce_threshold: float = 0.99
     """Negatives whose cosine with the target exceeds this are treated as false negatives."""
+    last_item_text: float = in_range(0.0, 0.0, 10.0)
+    """kind=hllm: add this weight times the cosine between the candidate's and the user's most
+    recent item's Item LLM outputs (standardised if model.item.standardize) to every ranking score:
+    evaluation, export, serving (0 = off). Training does not see it: it adds the signal text-knn
+    ranks by to the trained model (BENCHMARKS.md, "A last-item text term")."""
+    last_item_text_choices: list[float] = in_range([], 0.0, 10.0)
+    """When given, the weight above is chosen among these after training, on validation
+    eval.metric with the best checkpoint; the run's config.yaml then holds the choice (so export and
+    serving use it) and metrics.json the whole sweep (train.last_item_text)."""
 
 
 @dataclass
@@ -257,6 +266,8 @@ class RunConfig:
             )
         if item.standardize and item.mode != "frozen" and self.model.kind == "hllm":
             raise UserError("standardised item outputs need model.item.mode=frozen", "model.item.standardize")
+        if (self.model.last_item_text or self.model.last_item_text_choices) and self.model.kind != "hllm":
+            raise UserError("the last-item text term needs model.kind=hllm", "model.last_item_text")
         if self.train.negatives == "memory" and not (item.train_layers and self.model.kind == "hllm"):
             raise UserError(
                 "a memory of item outputs needs model.kind=hllm and model.item.train_layers > 0",

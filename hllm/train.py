@@ -10,7 +10,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -313,12 +313,20 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
         )
 
         def finish(model: nn.Module, state: TrainState, seconds: float) -> dict:
-            """Reload the best checkpoint, score valid and test once."""
+            """Reload the best checkpoint, choose the last-item text weight if asked, score valid
+            and test once."""
             best = checkpoint_path(run_folder(config), "best")
             load_weights(model, read_checkpoint(best), str(best))
+            summary = train_summary(model, state, seconds)
+            if config.model.last_item_text_choices:
+                summary["last_item_text"] = choose_last_item_text(
+                    model, config, lambda: evaluate(model, "valid")
+                )
+                if fabric.global_rank == 0:
+                    write_text(run_folder(config) / "config.yaml", dump_config(chosen_config(config, model)))
             result = {split: evaluate(model, split) for split in ("valid", "test")}
             card = protocol_card(data, "test", model=config.model.kind, config_hash=config_hash(config))
-            return result | {"protocol": card, "train": train_summary(model, state, seconds)}
+            return result | {"protocol": card, "train": summary}
 
         def evaluate(model: nn.Module, split: str) -> dict:
             return evaluate_split(config, model, data, item_tokens, split, device=fabric.device)
@@ -340,6 +348,25 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
         )
 
     return run_training(config, prepare, resume=resume)
+
+
+def choose_last_item_text(model: nn.Module, config: RunConfig, validate: Callable[[], dict]) -> dict:
+    """Set the model's last-item text weight to the choice with the best validation eval.metric
+    (the first on a tie); return it with every choice's figure."""
+    metric = config.eval.metric
+    figures = {}
+    for weight in config.model.last_item_text_choices:
+        model.last_item_text = weight
+        figures[weight] = validate()[metric]
+    model.last_item_text = max(figures, key=figures.get)
+    return {"chosen": model.last_item_text, f"valid {metric}": {str(w): v for w, v in figures.items()}}
+
+
+def chosen_config(config: RunConfig, model: nn.Module) -> RunConfig:
+    """The run's config with the chosen weight in place of the choices, as load_run and export
+    read it."""
+    chosen = replace(config.model, last_item_text=model.last_item_text, last_item_text_choices=[])
+    return replace(config, model=chosen)
 
 
 def train_summary(model: nn.Module, state: TrainState, seconds: float) -> dict:

@@ -1,12 +1,13 @@
 """HLLM's item sides beyond text: text+ID items (ID dropout per occurrence, text alone without a
-trained row), the hllm-id diagnostic, the catalogue softmax over a refreshed memory, and frozen
-outputs standardised per dimension."""
+trained row), the hllm-id diagnostic, the catalogue softmax over a refreshed memory, frozen
+outputs standardised per dimension, and the last-item text term."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hllm.config import load_config
@@ -17,11 +18,16 @@ from hllm.evaluate import item_table
 from hllm.models.build import build_model, cache_frozen_items
 from hllm.models.item_ids import ItemIdTable, drop_ids
 from hllm.runs import load_run
-from hllm.serving.export import encode_texts, export_run, load_artifact
+from hllm.serving.export import encode_histories, encode_texts, export_run, load_artifact
 from hllm.train import fit, make_batches, param_groups
 from tests.support import tiny_overrides
 
 TEXT_AND_ID = {"model__item__id_embedding": "true"}
+LAST_ITEM_TEXT = {
+    "model__item__mode": "frozen",
+    "model__item__standardize": "true",
+    "model__last_item_text": 0.3,
+}
 
 
 def built(cycle_data, tmp_path, **extra):
@@ -153,6 +159,53 @@ def test_standardised_frozen_outputs_train_save_and_serve(cycle_data, tmp_path):
     np.testing.assert_allclose(added, table[1:4].numpy(), atol=1e-5)
 
 
+def test_last_item_text_adds_the_weighted_text_cosine_to_every_score(cycle_data, tmp_path):
+    """A ranking score is the HLLM's own u . e plus beta times the cosine between the standardised
+    Item LLM outputs of the candidate and of the user's most recent item; the User LLM reads the
+    same inputs as without the term."""
+    model, tokens, _, data = built(cycle_data, tmp_path, **LAST_ITEM_TEXT)
+    model.eval()
+    history = torch.tensor([[0, 2, 5], [3, 1, 4]])
+    with torch.no_grad():
+        table = item_table(model, data.num_items, tokens, batch_size=64)
+        scores = model.encode_users(history, table) @ table.T
+        model.last_item_text = 0.0
+        plain_table = item_table(model, data.num_items, tokens, batch_size=64)
+        plain = model.encode_users(history, plain_table) @ plain_table.T
+        text = F.normalize(model.standardizer(model.item_cache), dim=-1)
+    assert table.shape[1] == plain_table.shape[1] + text.shape[1]
+    torch.testing.assert_close(scores, plain + 0.3 * text[history[:, -1]] @ text.T)
+
+
+def test_last_item_text_ranks_but_does_not_train_and_serves_as_evaluated(cycle_data, tmp_path):
+    """The term is for ranking only: the training loss is the plain model's. Its weight is chosen
+    among choices on validation after training and kept in the run's config.yaml; the exported
+    artifact ranks as the evaluator does: its table, an item added from its text, and a history."""
+    model, _, batches, _ = built(cycle_data, tmp_path, **LAST_ITEM_TEXT)
+    plain, _, _, _ = built(cycle_data, tmp_path, **{**LAST_ITEM_TEXT, "model__last_item_text": 0.0})
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.training_loss(batches[0]), plain.training_loss(batches[0]))
+
+    choices = {"model__last_item_text_choices": "[0.3,5.0]", "train__epochs": 2}
+    result = fit(load_config(None, tiny_overrides(cycle_data, tmp_path, **LAST_ITEM_TEXT, **choices)))
+    sweep = result["train"]["last_item_text"]
+    figures = sweep["valid recall@1"]
+    assert set(figures) == {"0.3", "5.0"} and figures[str(sweep["chosen"])] == max(figures.values())
+    assert result["valid"]["recall@1"] == figures[str(sweep["chosen"])]
+    run = load_run(tmp_path / "tiny")
+    assert run.model.last_item_text == sweep["chosen"] and not run.config.model.last_item_text_choices
+    table = item_table(run.model, run.data.num_items, run.item_tokens, batch_size=64)
+    artifact = load_artifact(export_run(tmp_path / "tiny", tmp_path / "artifact"))
+    np.testing.assert_allclose(artifact.embeddings, table.numpy(), atol=1e-6)
+    added = encode_texts(artifact, [artifact.texts[i] for i in range(1, 4)])
+    np.testing.assert_allclose(added, table[1:4].numpy(), atol=1e-5)
+    with torch.no_grad():
+        user = run.model.encode_users(torch.tensor([[2, 3]]), table)
+    served = encode_histories(artifact, [artifact.embeddings[[2, 3]]])
+    np.testing.assert_allclose(served, user.numpy(), atol=1e-5)
+
+
 def _log_rows(run_dir) -> list[dict]:
     import csv
 
@@ -210,6 +263,7 @@ def test_memory_holds_every_softmax_row_and_refreshes_on_schedule(cycle_data, tm
         (["train.negatives=memory", "model.item.train_layers=1", "model.kind=hllm-id"], "model.kind=hllm"),
         (["train.negatives=catalogue"], "frozen"),
         (["model.item.standardize=true", "train.negatives=sampled"], "mode=frozen"),
+        (["model.last_item_text=0.2", "model.kind=hllm-id", "train.negatives=catalogue"], "last-item text"),
     ],
 )
 def test_negatives_that_need_a_cached_item_side_are_refused(overrides, match):

@@ -101,6 +101,11 @@ def run_record(config: RunConfig, dataset: str, model: str, seed: int) -> dict:
         "train_seconds": round(time.perf_counter() - started, 1),
         "params": params,
         "valid_history": result["train"]["valid_history"],
+        **(
+            {"last_item_text": result["train"]["last_item_text"]}
+            if "last_item_text" in result["train"]
+            else {}
+        ),
         "config": config_to_dict(config),
         "protocol": result["protocol"],
     }

@@ -117,6 +117,15 @@ class HLLM(nn.Module):
     `item_ids` adds a learned ID row to every trained item's text embedding, each occurrence
     dropping it with probability `id_dropout` while training so that the text alone stays a good
     model; with no `item_encoder` the ID rows are the whole item side (`hllm-id`).
+
+    `last_item_text` = beta > 0: every ranking score adds beta times the
+    cosine between the Item LLM outputs (as the adaptor reads them) of the candidate and of the
+    user's most recent item, the signal text-knn ranks by. Ranking only: training is unchanged, so
+    the term is an ensemble of the trained model with that text signal (trained with the term in
+    its softmax, the model was worse on validation: BENCHMARKS.md). Both sides carry it as extra
+    columns: an item's vector is [e, sqrt(beta) t] and a user's [u, sqrt(beta) t_last], so ranking
+    stays one dot product (faiss, serving and new items unchanged) and `user_inputs` strips it for
+    the User LLM.
     """
 
     def __init__(
@@ -137,14 +146,19 @@ class HLLM(nn.Module):
         id_dropout: float = 0.0,
         memory_refresh: int = 0,
         standardize: bool = False,
+        last_item_text: float = 0.0,
     ) -> None:
         super().__init__()
         if item_encoder is None and item_ids is None:
             raise ValueError("an HLLM needs an Item LLM, an item-ID table, or both")
+        if last_item_text and item_encoder is None:
+            raise ValueError("last_item_text needs an Item LLM")
         self.item_encoder = item_encoder
         self.user_encoder = user_encoder
         self.item_ids = item_ids
         self.id_dropout = id_dropout
+        self.user_width = user_width
+        self.last_item_text = last_item_text
         # Frozen outputs standardised per dimension (a module only when asked: no state otherwise).
         self.standardizer = OutputStandardizer(item_width) if standardize else None
         self.projection = build_adaptor(adaptor, item_width, user_width)
@@ -203,14 +217,30 @@ class HLLM(nn.Module):
 
     def encode_items(self, item_ids: Tensor, text: PackedItems | None) -> Tensor:
         """Normalised item embeddings (N, D_user): the projected Item LLM outputs from text (or the
-        caches), plus their ID rows where text+ID items have one; `hllm-id`: the ID rows alone."""
-        return self._combine(*self._item_parts(item_ids, text))
+        caches), plus their ID rows where text+ID items have one; `hllm-id`: the ID rows alone.
+        With `last_item_text`, the text term's columns follow (N, D_user + D_item)."""
+        outputs = self._standardized(self._item_outputs(item_ids, text).float())
+        embeddings = self._combine(*self._parts_of(outputs, item_ids))
+        if not self.last_item_text:
+            return embeddings
+        return torch.cat([embeddings, self._text_term(outputs)], dim=-1)
+
+    def user_inputs(self, item_table: Tensor) -> Tensor:
+        """The part of `encode_items`' rows (..., D) the User LLM reads (..., D_user)."""
+        return item_table[..., : self.user_width]
 
     def _item_parts(self, item_ids: Tensor, text: PackedItems | None) -> tuple[Tensor, Tensor | None]:
         """The projected item side (N, D_user) and the ID rows to add to it (N, D_user; None: none)."""
-        base = self.projection(self._standardized(self._item_outputs(item_ids, text).float()))
+        return self._parts_of(self._standardized(self._item_outputs(item_ids, text).float()), item_ids)
+
+    def _parts_of(self, outputs: Tensor, item_ids: Tensor) -> tuple[Tensor, Tensor | None]:
         adds_ids = self.item_ids is not None and self.item_encoder is not None
-        return base, self.item_ids(item_ids) if adds_ids else None
+        return self.projection(outputs), self.item_ids(item_ids) if adds_ids else None
+
+    def _text_term(self, outputs: Tensor) -> Tensor:
+        """sqrt(beta) times the unit (standardised) Item LLM outputs (N, D_item): a dot product of
+        two such rows is `last_item_text` times their cosine."""
+        return self.last_item_text**0.5 * F.normalize(outputs, dim=-1)
 
     def _standardized(self, outputs: Tensor) -> Tensor:
         return outputs if self.standardizer is None else self.standardizer(outputs)
@@ -260,10 +290,16 @@ class HLLM(nn.Module):
         self.lower_states, self.lower_offsets = states, offsets
 
     def encode_users(self, history: Tensor, item_table: Tensor) -> Tensor:
-        """Normalised prediction of the next item for left-padded histories (B, L) -> (B, D)."""
+        """Normalised prediction of the next item for left-padded histories (B, L) -> (B, D), D
+        the width of `item_table` (N, D) from `encode_items`: with `last_item_text`, the most
+        recent item's text-term columns follow the User LLM's prediction."""
         mask = history != 0
-        states = self.user_encoder.last_state(item_table[history] * mask.unsqueeze(-1), mask)
-        return F.normalize(states.float(), dim=-1)
+        inputs = self.user_inputs(item_table)
+        states = self.user_encoder.last_state(inputs[history] * mask.unsqueeze(-1), mask)
+        users = F.normalize(states.float(), dim=-1)
+        if not self.last_item_text:
+            return users
+        return torch.cat([users, item_table[history[:, -1], self.user_width :].float()], dim=-1)
 
     def training_loss(self, batch: TrainBatch) -> Tensor:
         self.last_stats = {}

@@ -164,7 +164,7 @@ class CreativeLLM(nn.Module):
             text = pack_items(
                 self.item_tokens, ids.cpu().numpy(), appended_tokens=self.hllm.appended_tokens
             ).to(ids.device)
-        return self.hllm.encode_items(ids, text)
+        return self.hllm.user_inputs(self.hllm.encode_items(ids, text))  # no last-item text term
 
     def item_vectors(self, ids: Tensor) -> Tensor:
         """Normalised HLLM item embeddings of any id tensor (..., ) -> (..., Du)."""
