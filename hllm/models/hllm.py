@@ -118,14 +118,13 @@ class HLLM(nn.Module):
     dropping it with probability `id_dropout` while training so that the text alone stays a good
     model; with no `item_encoder` the ID rows are the whole item side (`hllm-id`).
 
-    `last_item_text` = beta > 0: every ranking score adds beta times the
-    cosine between the Item LLM outputs (as the adaptor reads them) of the candidate and of the
-    user's most recent item, the signal text-knn ranks by. Ranking only: training is unchanged, so
-    the term is an ensemble of the trained model with that text signal (trained with the term in
-    its softmax, the model was worse on validation: BENCHMARKS.md). Both sides carry it as extra
-    columns: an item's vector is [e, sqrt(beta) t] and a user's [u, sqrt(beta) t_last], so ranking
-    stays one dot product (faiss, serving and new items unchanged) and `user_inputs` strips it for
-    the User LLM.
+    `last_item_text` = beta > 0: every ranking score adds beta times the cosine between the Item
+    LLM outputs (as the adaptor reads them) of the candidate and of the user's most recent item,
+    the signal text-knn ranks by. Ranking only: training is unchanged, so the term is an ensemble
+    of the trained model with that text signal (trained with the term in its softmax, the model was
+    worse on validation: BENCHMARKS.md). Both sides carry it as extra columns: an item's vector is
+    [e, sqrt(beta) t] and a user's [u, sqrt(beta) t_last], so ranking stays one dot product (faiss,
+    serving and new items unchanged) and `user_inputs` strips it for the User LLM.
     """
 
     def __init__(
