@@ -18,8 +18,9 @@ from hllm.data.dataset import SequenceData
 from hllm.data.text import PAD_ID, ItemTokens, pack_items, tokenize_items
 from hllm.errors import UserError
 from hllm.files import atomic_write
+from hllm.models.adaptor import OutputStandardizer
 from hllm.models.backbone import load_backbone, set_dropout
-from hllm.models.hllm import HLLM, OutputStandardizer
+from hllm.models.hllm import HLLM
 from hllm.models.hstu import build_hstu
 from hllm.models.id_recommender import IdRecommender
 from hllm.models.item_encoder import ItemEncoder

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hllm.data.text import PAD_ID, PackedItems
-from hllm.models.hllm import OutputStandardizer
+from hllm.models.adaptor import OutputStandardizer
 from hllm.models.item_encoder import ItemEncoder
 
 # A user is the mean of this many latest items. Chosen on validation (amazon-scientific, new items,
