@@ -160,6 +160,12 @@ class ModelConfig:
     """When given, the weight above is chosen among these after training, on validation
     eval.metric with the best checkpoint; the run's config.yaml then holds the choice (so export and
     serving use it) and metrics.json the whole sweep (train.last_item_text)."""
+    last_item_text_decay: float = in_range(0.0, 0.0, 1.0)
+    """The term's user side: 0 = the most recent item; d > 0 = the sum over the history's items
+    weighted d^age (age 0 = the most recent), so the items just before the last add to it."""
+    last_item_text_decay_choices: list[float] = in_range([], 0.0, 1.0)
+    """When given, the decay above is chosen among these after the weight (at the chosen weight),
+    the same way."""
 
 
 @dataclass
@@ -266,7 +272,13 @@ class RunConfig:
             )
         if item.standardize and item.mode != "frozen" and self.model.kind == "hllm":
             raise UserError("standardised item outputs need model.item.mode=frozen", "model.item.standardize")
-        if (self.model.last_item_text or self.model.last_item_text_choices) and self.model.kind != "hllm":
+        text_term = (
+            self.model.last_item_text,
+            self.model.last_item_text_choices,
+            self.model.last_item_text_decay,
+            self.model.last_item_text_decay_choices,
+        )
+        if any(text_term) and self.model.kind != "hllm":
             raise UserError("the last-item text term needs model.kind=hllm", "model.last_item_text")
         if self.train.negatives == "memory" and not (item.train_layers and self.model.kind == "hllm"):
             raise UserError(

@@ -177,6 +177,22 @@ def test_last_item_text_adds_the_weighted_text_cosine_to_every_score(cycle_data,
     torch.testing.assert_close(scores, plain + 0.3 * text[history[:, -1]] @ text.T)
 
 
+def test_last_item_text_decay_weights_the_history_by_age(cycle_data, tmp_path):
+    """With a decay d the user's side of the term is the sum of the history's unit outputs
+    weighted d^age (age 0 = the most recent item), PAD left out."""
+    model, tokens, _, data = built(cycle_data, tmp_path, **LAST_ITEM_TEXT, model__last_item_text_decay=0.5)
+    model.eval()
+    history = torch.tensor([[0, 2, 5], [3, 1, 4]])
+    with torch.no_grad():
+        table = item_table(model, data.num_items, tokens, batch_size=64)
+        scores = model.encode_users(history, table) @ table.T
+        model.last_item_text = 0.0
+        plain = model.encode_users(history, table[:, : model.user_width]) @ table[:, : model.user_width].T
+        text = F.normalize(model.standardizer(model.item_cache), dim=-1)
+    recent = torch.stack([text[5] + 0.5 * text[2], text[4] + 0.5 * text[1] + 0.25 * text[3]])
+    torch.testing.assert_close(scores, plain + 0.3 * recent @ text.T)
+
+
 def test_last_item_text_ranks_but_does_not_train_and_serves_as_evaluated(cycle_data, tmp_path):
     """The term is for ranking only: the training loss is the plain model's. Its weight is chosen
     among choices on validation after training and kept in the run's config.yaml; the exported
@@ -187,14 +203,23 @@ def test_last_item_text_ranks_but_does_not_train_and_serves_as_evaluated(cycle_d
     with torch.no_grad():
         torch.testing.assert_close(model.training_loss(batches[0]), plain.training_loss(batches[0]))
 
-    choices = {"model__last_item_text_choices": "[0.3,5.0]", "train__epochs": 2}
+    choices = {
+        "model__last_item_text_choices": "[0.3,5.0]",
+        "model__last_item_text_decay_choices": "[0.0,0.9]",
+        "train__epochs": 2,
+    }
     result = fit(load_config(None, tiny_overrides(cycle_data, tmp_path, **LAST_ITEM_TEXT, **choices)))
     sweep = result["train"]["last_item_text"]
     figures = sweep["valid recall@1"]
     assert set(figures) == {"0.3", "5.0"} and figures[str(sweep["chosen"])] == max(figures.values())
-    assert result["valid"]["recall@1"] == figures[str(sweep["chosen"])]
+    decays = sweep["decay"]["valid recall@1"]
+    assert set(decays) == {"0.0", "0.9"} and decays[str(sweep["decay"]["chosen"])] == max(decays.values())
+    assert decays["0.0"] == figures[str(sweep["chosen"])]  # the decay sweep starts where the weight's ends
+    assert result["valid"]["recall@1"] == max(decays.values())
     run = load_run(tmp_path / "tiny")
     assert run.model.last_item_text == sweep["chosen"] and not run.config.model.last_item_text_choices
+    assert run.model.last_item_text_decay == sweep["decay"]["chosen"]
+    assert not run.config.model.last_item_text_decay_choices
     table = item_table(run.model, run.data.num_items, run.item_tokens, batch_size=64)
     artifact = load_artifact(export_run(tmp_path / "tiny", tmp_path / "artifact"))
     np.testing.assert_allclose(artifact.embeddings, table.numpy(), atol=1e-6)
@@ -203,6 +228,11 @@ def test_last_item_text_ranks_but_does_not_train_and_serves_as_evaluated(cycle_d
     with torch.no_grad():
         user = run.model.encode_users(torch.tensor([[2, 3]]), table)
     served = encode_histories(artifact, [artifact.embeddings[[2, 3]]])
+    np.testing.assert_allclose(served, user.numpy(), atol=1e-5)
+    run.model.last_item_text_decay = artifact.model.last_item_text_decay = 0.5  # whichever was chosen
+    with torch.no_grad():
+        user = run.model.encode_users(torch.tensor([[0, 2, 3, 1], [4, 2, 3, 1]]), table)
+    served = encode_histories(artifact, [artifact.embeddings[[2, 3, 1]], artifact.embeddings[[4, 2, 3, 1]]])
     np.testing.assert_allclose(served, user.numpy(), atol=1e-5)
 
 

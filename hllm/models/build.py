@@ -142,6 +142,7 @@ def _build_hllm(config: RunConfig, data: SequenceData) -> tuple[HLLM, ItemTokens
         memory_refresh=config.train.memory_refresh if config.train.negatives == "memory" else 0,
         standardize=item_cfg.standardize,
         last_item_text=config.model.last_item_text,
+        last_item_text_decay=config.model.last_item_text_decay,
         **_recipe(config),
     )
     item_tokens = tokenize_items(list(data.item_text), item_backbone.tokenizer, config.data.max_text_tokens)

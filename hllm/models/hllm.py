@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hllm.data.batches import TrainBatch
-from hllm.data.text import PackedItems
+from hllm.data.text import PAD_ID, PackedItems
 from hllm.models.adaptor import OutputStandardizer, build_adaptor
 from hllm.models.item_encoder import ItemEncoder
 from hllm.models.item_ids import ItemIdTable, drop_ids
@@ -64,6 +64,9 @@ class HLLM(nn.Module):
     worse on validation: BENCHMARKS.md). Both sides carry it as extra columns: an item's vector is
     [e, sqrt(beta) t] and a user's [u, sqrt(beta) t_last], so ranking stays one dot product (faiss,
     serving and new items unchanged) and `user_inputs` strips it for the User LLM.
+    `last_item_text_decay` = d > 0 replaces t_last by the sum of the history's t weighted d^age
+    (age 0 = the most recent item): the items just before the last add to its term, each at d times
+    the weight of the one after it.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class HLLM(nn.Module):
         memory_refresh: int = 0,
         standardize: bool = False,
         last_item_text: float = 0.0,
+        last_item_text_decay: float = 0.0,
     ) -> None:
         super().__init__()
         if item_encoder is None and item_ids is None:
@@ -97,6 +101,7 @@ class HLLM(nn.Module):
         self.id_dropout = id_dropout
         self.user_width = user_width
         self.last_item_text = last_item_text
+        self.last_item_text_decay = last_item_text_decay
         # Frozen outputs standardised per dimension (a module only when asked: no state otherwise).
         self.standardizer = OutputStandardizer(item_width) if standardize else None
         self.projection = build_adaptor(adaptor, item_width, user_width)
@@ -237,7 +242,17 @@ class HLLM(nn.Module):
         users = F.normalize(states.float(), dim=-1)
         if not self.last_item_text:
             return users
-        return torch.cat([users, item_table[history[:, -1], self.user_width :].float()], dim=-1)
+        return torch.cat([users, self._recent_text(history, item_table)], dim=-1)
+
+    def _recent_text(self, history: Tensor, item_table: Tensor) -> Tensor:
+        """The user's side of the text term (B, D_item): the most recent item's term columns, or
+        with `last_item_text_decay` = d their sum over the history weighted d^age."""
+        terms = item_table[:, self.user_width :]
+        if not self.last_item_text_decay:
+            return terms[history[:, -1]].float()
+        age = torch.arange(history.shape[1] - 1, -1, -1, device=history.device)  # (L,) latest last
+        weights = self.last_item_text_decay**age * (history != PAD_ID)  # (B, L)
+        return torch.einsum("bl,bld->bd", weights, terms[history].float())
 
     def training_loss(self, batch: TrainBatch) -> Tensor:
         self.last_stats = {}
