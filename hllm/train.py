@@ -10,7 +10,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ from hllm.epoch import Batches, GuardRails, TrainState, reached_max_steps, train
 from hllm.errors import UserError
 from hllm.evaluate import evaluate_split, protocol_card
 from hllm.files import write_json, write_text
+from hllm.last_item_text import choose_last_item_text, chosen_config
 from hllm.models.build import build_model, cache_frozen_items
 from hllm.runs import checkpoint_path, config_hash, run_folder
 from hllm.training_log import make_logger
@@ -348,42 +349,6 @@ def fit(config: RunConfig, *, resume: bool = False) -> dict:
         )
 
     return run_training(config, prepare, resume=resume)
-
-
-def choose_last_item_text(model: nn.Module, config: RunConfig, validate: Callable[[], dict]) -> dict:
-    """Set the model's last-item text weight to the choice with the best validation eval.metric,
-    then (given decay choices and a weight > 0) its decay the same way at that weight; the first
-    wins a tie. Return each choice with every figure of its sweep."""
-    summary = _choose(model, "last_item_text", config.model.last_item_text_choices, config, validate)
-    if config.model.last_item_text_decay_choices and model.last_item_text:
-        choices = config.model.last_item_text_decay_choices
-        summary["decay"] = _choose(model, "last_item_text_decay", choices, config, validate)
-    return summary
-
-
-def _choose(
-    model: nn.Module, attribute: str, choices: list[float], config: RunConfig, validate: Callable[[], dict]
-) -> dict:
-    metric = config.eval.metric
-    figures = {}
-    for value in choices:
-        setattr(model, attribute, value)
-        figures[value] = validate()[metric]
-    setattr(model, attribute, max(figures, key=figures.get))
-    return {"chosen": getattr(model, attribute), f"valid {metric}": {str(v): f for v, f in figures.items()}}
-
-
-def chosen_config(config: RunConfig, model: nn.Module) -> RunConfig:
-    """The run's config with the chosen weight and decay in place of the choices, as load_run and
-    export read it."""
-    chosen = replace(
-        config.model,
-        last_item_text=model.last_item_text,
-        last_item_text_choices=[],
-        last_item_text_decay=model.last_item_text_decay,
-        last_item_text_decay_choices=[],
-    )
-    return replace(config, model=chosen)
 
 
 def train_summary(model: nn.Module, state: TrainState, seconds: float) -> dict:

@@ -159,11 +159,13 @@ def test_standardised_frozen_outputs_train_save_and_serve(cycle_data, tmp_path):
     np.testing.assert_allclose(added, table[1:4].numpy(), atol=1e-5)
 
 
-def test_last_item_text_adds_the_weighted_text_cosine_to_every_score(cycle_data, tmp_path):
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_last_item_text_adds_the_weighted_text_cosine_to_every_score(cycle_data, tmp_path, decay):
     """A ranking score is the HLLM's own u . e plus beta times the cosine between the standardised
-    Item LLM outputs of the candidate and of the user's most recent item; the User LLM reads the
-    same inputs as without the term."""
-    model, tokens, _, data = built(cycle_data, tmp_path, **LAST_ITEM_TEXT)
+    Item LLM outputs of the candidate and of the user's most recent item, or with a decay d the sum
+    over the history weighted d^age (age 0 = the most recent item, PAD left out); the User LLM
+    reads the same inputs as without the term."""
+    model, tokens, _, data = built(cycle_data, tmp_path, **LAST_ITEM_TEXT, model__last_item_text_decay=decay)
     model.eval()
     history = torch.tensor([[0, 2, 5], [3, 1, 4]])
     with torch.no_grad():
@@ -174,22 +176,8 @@ def test_last_item_text_adds_the_weighted_text_cosine_to_every_score(cycle_data,
         plain = model.encode_users(history, plain_table) @ plain_table.T
         text = F.normalize(model.standardizer(model.item_cache), dim=-1)
     assert table.shape[1] == plain_table.shape[1] + text.shape[1]
-    torch.testing.assert_close(scores, plain + 0.3 * text[history[:, -1]] @ text.T)
-
-
-def test_last_item_text_decay_weights_the_history_by_age(cycle_data, tmp_path):
-    """With a decay d the user's side of the term is the sum of the history's unit outputs
-    weighted d^age (age 0 = the most recent item), PAD left out."""
-    model, tokens, _, data = built(cycle_data, tmp_path, **LAST_ITEM_TEXT, model__last_item_text_decay=0.5)
-    model.eval()
-    history = torch.tensor([[0, 2, 5], [3, 1, 4]])
-    with torch.no_grad():
-        table = item_table(model, data.num_items, tokens, batch_size=64)
-        scores = model.encode_users(history, table) @ table.T
-        model.last_item_text = 0.0
-        plain = model.encode_users(history, table[:, : model.user_width]) @ table[:, : model.user_width].T
-        text = F.normalize(model.standardizer(model.item_cache), dim=-1)
-    recent = torch.stack([text[5] + 0.5 * text[2], text[4] + 0.5 * text[1] + 0.25 * text[3]])
+    recent = text[history[:, -1]] + decay * text[history[:, -2]] + decay**2 * text[history[:, -3]]
+    recent[0] -= decay**2 * text[0]  # the first history's oldest slot is PAD
     torch.testing.assert_close(scores, plain + 0.3 * recent @ text.T)
 
 
