@@ -234,9 +234,9 @@ class HLLM(nn.Module):
 
     def encode_users(self, history: Tensor, item_table: Tensor) -> Tensor:
         """Normalised prediction of the next item for left-padded histories (B, L) -> (B, D), D
-        the width of `item_table` (N, D) from `encode_items`: with `last_item_text`, the most
-        recent item's text-term columns follow the User LLM's prediction."""
-        mask = history != 0
+        the width of `item_table` (N, D) from `encode_items`: with `last_item_text`, the user's
+        side of the text term (`_recent_text`) follows the User LLM's prediction."""
+        mask = history != PAD_ID
         inputs = self.user_inputs(item_table)
         states = self.user_encoder.last_state(inputs[history] * mask.unsqueeze(-1), mask)
         users = F.normalize(states.float(), dim=-1)
